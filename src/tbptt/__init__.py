@@ -1,0 +1,25 @@
+"""tbptt: exact truncated backpropagation through time, TBPTT(k1, k2), for any PyTorch recurrent model.
+
+See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
+"""
+
+from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
+from .schedule import TBPTT, Update
+from .state import detach, reset_rows
+from .trainer import NonFiniteError, Trainer, UpdateRecord
+
+__all__ = [
+    "TBPTT",
+    "Update",
+    "Trainer",
+    "UpdateRecord",
+    "NonFiniteError",
+    "StreamEngine",
+    "UpdateResult",
+    "STRATEGIES",
+    "truncated_gradients",
+    "detach",
+    "reset_rows",
+]
+
+__version__ = "0.1.0"

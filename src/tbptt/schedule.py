@@ -1,0 +1,197 @@
+"""Which updates TBPTT(k1, k2) makes, which windows they cover and which errors they inject.
+
+Pure Python, no torch: the contract of ``SEMANTICS.md`` as index arithmetic. Updates fall at stream
+positions T = k1, 2*k1, ...; the update at T (previous update at P) has the window ``[max(0, T-k2), T)``
+and injects the errors ``[max(P, T-k2), T)`` (``errors="new"``) or the whole window
+(``errors="window"``). A stream that ends inside a block gets that block clipped at its end.
+
+References: Williams & Peng (1990), BPTT(h; h'); Sutskever (2013), TBPTT(k1, k2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Errors = Literal["new", "window"]
+_ERRORS = ("new", "window")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One weight update: window ``[start, stop)``, errors injected on ``[loss_start, stop)``.
+
+    All indices are 0-based stream positions, half-open.
+    """
+
+    start: int
+    loss_start: int
+    stop: int
+
+    @property
+    def window(self) -> int:
+        """Steps the update backpropagates through."""
+        return self.stop - self.start
+
+    @property
+    def errors(self) -> int:
+        """Steps whose errors the update injects."""
+        return self.stop - self.loss_start
+
+
+def _check_k(name: str, value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be a positive int or None (meaning n, the whole stream); "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"{name} must be a positive int or None (meaning n, the whole stream); got {value}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class TBPTT:
+    """Truncated backpropagation through time, TBPTT(k1, k2).
+
+    Every ``k1`` steps of a stream the weights are updated with the gradient of the injected errors,
+    backpropagated through the last ``k2`` steps. ``None`` for either means n, the whole stream so
+    far: ``TBPTT(None, None)`` is full BPTT, ``TBPTT(1, None)`` Williams & Peng's real-time BPTT.
+
+    ``errors="new"`` (default) injects each error once, in the first window that holds it;
+    ``errors="window"`` injects every error of the window.
+    """
+
+    k1: Optional[int]
+    k2: Optional[int]
+    errors: Errors = "new"
+
+    def __post_init__(self) -> None:
+        _check_k("k1", self.k1)
+        _check_k("k2", self.k2)
+        if self.errors not in _ERRORS:
+            raise ValueError(f"errors must be one of {_ERRORS}; got {self.errors!r}")
+
+    # ----------------------------------------------------------------------------------------
+    # presets
+    @classmethod
+    def full(cls) -> "TBPTT":
+        """TBPTT(n, n): classical BPTT, one update at the end of the stream."""
+        return cls(None, None)
+
+    @classmethod
+    def williams_peng(cls) -> "TBPTT":
+        """TBPTT(1, n): an update at every step, back to the start of the stream."""
+        return cls(1, None)
+
+    @classmethod
+    def chunked(cls, k: int) -> "TBPTT":
+        """TBPTT(k, k): split the stream into chunks of k, carry the state, detach."""
+        return cls(k, k)
+
+    @classmethod
+    def parse(cls, text: str, errors: Errors = "new") -> "TBPTT":
+        """Read ``"5,20"``, ``"n,n"``, ``"TBPTT(1,n)"`` into a schedule."""
+        body = text.strip()
+        if body.upper().startswith("TBPTT(") and body.endswith(")"):
+            body = body[6:-1]
+        parts = [p.strip() for p in body.split(",")]
+        if len(parts) != 2:
+            raise ValueError(f"expected a configuration like '5,20' or 'n,n'; got {text!r}")
+        ks: list[Optional[int]] = []
+        for part in parts:
+            if part.lower() == "n":
+                ks.append(None)
+            elif part.isdigit():
+                ks.append(int(part))
+            else:
+                raise ValueError(
+                    f"expected k1,k2 as positive ints or 'n' (e.g. '5,20', '1,n'); got {text!r}"
+                )
+        return cls(ks[0], ks[1], errors)
+
+    def __str__(self) -> str:
+        def k(v: Optional[int]) -> str:
+            return "n" if v is None else str(v)
+
+        suffix = "" if self.errors == "new" else ", errors=window"
+        return f"TBPTT({k(self.k1)},{k(self.k2)}{suffix})"
+
+    # ----------------------------------------------------------------------------------------
+    # index arithmetic
+    def block_end(self, previous: int) -> Optional[int]:
+        """Stream position of the update after the one at ``previous`` (None: only at the end)."""
+        return None if self.k1 is None else previous + self.k1
+
+    def window_start(self, position: int) -> int:
+        """First step of the window of an update at ``position``."""
+        return 0 if self.k2 is None else max(0, position - self.k2)
+
+    def update(self, previous: int, stop: Optional[int] = None) -> Optional[Update]:
+        """The update closing the block that starts at ``previous``.
+
+        ``stop`` is where the stream ends when it ends inside this block: the block's window and
+        errors are clipped there (None if nothing is left to inject). With ``k1=None`` the block
+        runs to the end of the stream, so ``stop`` is required.
+        """
+        end = self.block_end(previous)
+        if end is None:
+            if stop is None:
+                raise ValueError("with k1 = n the block only closes at the end of the stream")
+            end = stop
+        clipped = end if stop is None else min(end, stop)
+        start = self.window_start(end)
+        loss_start = start if self.errors == "window" else max(previous, start)
+        if loss_start >= clipped:
+            return None
+        return Update(start, loss_start, clipped)
+
+    def updates(self, n: int) -> list[Update]:
+        """Every update on a stream of ``n`` steps, in order."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int (the stream length); got {n!r}")
+        out: list[Update] = []
+        previous = 0
+        while previous < n:
+            end = self.block_end(previous)
+            u = self.update(previous, stop=n if end is None or end > n else None)
+            if u is not None:
+                out.append(u)
+            previous = n if end is None else end
+        return out
+
+    def saved_state_position(self, previous: int) -> Optional[int]:
+        """Where inside the block starting at ``previous`` a later window begins, if anywhere.
+
+        The state there must be kept when the step is first computed; it enters that later window.
+        """
+        end = self.block_end(previous)
+        if end is None or self.k2 is None:
+            return None
+        q = end + self.k1 - self.k2  # the next window's start, then later ones k1 apart
+        if q >= end:
+            return None
+        if q < previous:
+            q += ((previous - q + self.k1 - 1) // self.k1) * self.k1
+        return q if previous <= q < end else None
+
+    def cost(self, n: int) -> dict[str, int]:
+        """Steps a stream of ``n`` steps costs under each strategy (forward, backward, memory)."""
+        ups = self.updates(n)
+        backward = sum(u.window for u in ups)
+        forward_recompute = 0
+        previous = 0
+        for u in ups:
+            forward_recompute += u.stop - min(u.start, previous)
+            previous = u.stop
+        return {
+            "updates": len(ups),
+            "forward_stored": n,
+            "forward_recompute": forward_recompute,
+            "backward": backward,
+            "max_window": max((u.window for u in ups), default=0),
+        }

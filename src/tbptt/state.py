@@ -1,0 +1,95 @@
+"""Recurrent states as any nesting of tuples, lists, dicts and tensors.
+
+Every helper maps over the tensor leaves of a state (``torch.utils._pytree``), so nn.LSTM's
+``(h, c)``, a GRU's ``h`` and a user's dict of tensors are handled alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+State = Any
+"""A tensor, or any nesting of tuples, lists and dicts of tensors, or None before a stream starts."""
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], state: State) -> State:
+    """Apply ``fn`` to every tensor leaf of ``state``; other leaves are kept as they are."""
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, state)
+
+
+def tensors(state: State) -> list[torch.Tensor]:
+    """The tensor leaves of ``state``, in a fixed order."""
+    return [x for x in pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
+
+
+def detach(state: State) -> State:
+    """The state with every tensor cut from its graph (the ``repackage_hidden`` idiom)."""
+    return map_tensors(torch.Tensor.detach, state)
+
+
+def detach_requiring_grad(state: State) -> State:
+    """Detached copies of the floating leaves that record gradients flowing into them."""
+
+    def leaf(x: torch.Tensor) -> torch.Tensor:
+        y = x.detach()
+        return y.requires_grad_(True) if y.is_floating_point() or y.is_complex() else y
+
+    return map_tensors(leaf, state)
+
+
+def shapes(state: State) -> list[tuple[int, ...]]:
+    """Shapes of the tensor leaves, to detect a state that changed size between calls."""
+    return [tuple(x.shape) for x in tensors(state)]
+
+
+def batch_dim(x: torch.Tensor, batch_size: int) -> int:
+    """The dimension of a state tensor that indexes the B streams.
+
+    nn.RNN/GRU/LSTM states are ``[layers * directions, B, H]`` (dimension 1); other states are taken
+    as batch-first. A tensor without a dimension of size B is rejected.
+    """
+    if x.dim() >= 2 and x.shape[0] != batch_size and x.shape[1] == batch_size:
+        return 1
+    if x.dim() >= 1 and x.shape[0] == batch_size:
+        return 0
+    raise ValueError(
+        f"cannot find the batch dimension (size {batch_size}) in a state tensor of shape "
+        f"{tuple(x.shape)}; pass a reset function that knows the state's layout"
+    )
+
+
+def reset_rows(state: State, rows: torch.Tensor) -> State:
+    """Zero the state of the streams where ``rows`` (a ``[B]`` bool tensor) is True.
+
+    The result does not depend on the old state of those rows, so no gradient flows across the
+    reset. A state of None stays None (a fresh stream's state).
+    """
+    if state is None:
+        return None
+    batch_size = rows.shape[0]
+
+    def leaf(x: torch.Tensor) -> torch.Tensor:
+        dim = batch_dim(x, batch_size)
+        shape = [1] * x.dim()
+        shape[dim] = batch_size
+        keep = (~rows).to(device=x.device).reshape(shape)
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    return map_tensors(leaf, state)
+
+
+def same_structure(a: State, b: State) -> bool:
+    """Whether two states nest alike with tensors of the same shapes."""
+    spec_a = pytree.tree_flatten(a)[1]
+    spec_b = pytree.tree_flatten(b)[1]
+    return spec_a == spec_b and shapes(a) == shapes(b)
+
+
+def describe(state: Optional[State]) -> str:
+    """A short text of a state's structure and shapes for error messages."""
+    if state is None:
+        return "None"
+    return f"{type(state).__name__} with tensor shapes {shapes(state)}"

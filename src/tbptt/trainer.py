@@ -1,0 +1,180 @@
+"""The trainer: applies each TBPTT update of the engine with an optimizer.
+
+``train_on`` continues one stream per batch row across calls; every update is checked for a finite
+loss and gradient before it reaches the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from . import state as st
+from .engine import LossFn, StreamEngine, Strategy, UpdateResult
+from .schedule import TBPTT
+
+NonFinite = Literal["skip", "raise"]
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """What one update did: stream step (its position T), window, errors, loss, gradient norm
+    (before clipping), wall time in seconds, and whether it was skipped and why."""
+
+    step: int
+    start: int
+    loss_start: int
+    stop: int
+    loss: float
+    grad_norm: float
+    wall_time: float
+    skipped: bool = False
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient, raised when the trainer is told to stop on one."""
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together (0 if there are none)."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+class Trainer:
+    """Trains ``model`` with TBPTT(k1, k2) on streams fed in consecutive calls.
+
+    - ``model(inputs[B, T, ...], state) -> (outputs[B, T, ...], new_state)``, state None at a
+      stream's start; any nesting of tensors as state.
+    - ``loss_fn(outputs, targets) -> [B, T]`` per-step losses.
+    - ``strategy``: ``"recompute"`` (exact gradient at the current weights) or ``"stored"``
+      (Williams & Peng: activations kept as first computed); identical when k1 >= k2.
+    - ``clip_grad_norm``: clip each update's gradient to this 2-norm.
+    - ``nonfinite``: ``"skip"`` an update whose loss or gradient is not finite (it is recorded
+      with ``skipped=True``), or ``"raise"`` a ``NonFiniteError`` naming the stream step. Either
+      way the weights never see it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        schedule: TBPTT,
+        strategy: Strategy = "recompute",
+        clip_grad_norm: Optional[float] = None,
+        nonfinite: NonFinite = "skip",
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if clip_grad_norm is not None and not (
+            isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0
+        ):
+            raise ValueError(f"clip_grad_norm must be a positive number or None; got {clip_grad_norm!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise'; got {nonfinite!r}")
+        self.engine = StreamEngine(model, loss_fn, schedule, strategy)
+        self.model = model
+        self.optimizer = optimizer
+        self.clip_grad_norm = clip_grad_norm
+        self.nonfinite = nonfinite
+        self.updates_applied = 0
+        self.updates_skipped = 0
+
+    @property
+    def schedule(self) -> TBPTT:
+        return self.engine.schedule
+
+    @property
+    def strategy(self) -> str:
+        return self.engine.strategy
+
+    @property
+    def position(self) -> int:
+        """Steps of the current streams received so far."""
+        return self.engine.position
+
+    @property
+    def state(self) -> st.State:
+        """The streams' state at the last update (detached); None before the first."""
+        return self.engine.state
+
+    def train_on(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        end_of_stream: bool = False,
+    ) -> list[UpdateRecord]:
+        """Continue the B streams with ``inputs[B, T, ...]`` and ``targets``; one record per update.
+
+        Updates fall at every k1-th step of the stream however it is cut into calls, and windows
+        reach back across calls. Steps after the last update are held until their block closes.
+        ``mask[B, T]`` marks valid steps: masked steps inject no error. ``end_of_stream=True``
+        ends the streams after this data, as ``reset_state()`` does.
+        """
+        self.model.train()
+        records: list[UpdateRecord] = []
+        started = time.perf_counter()
+        for result in self.engine.feed(inputs, targets, mask, end_of_stream=end_of_stream):
+            records.append(self._apply(result, started))
+            started = time.perf_counter()
+        return records
+
+    def reset_state(self, flush: bool = True) -> list[UpdateRecord]:
+        """End the streams; the next ``train_on`` starts fresh streams (state None).
+
+        A block still open is, with ``flush=True`` (default), cut short at the last step received
+        and its update applied, as ``SEMANTICS.md`` says of a stream that ends between updates;
+        with ``flush=False`` its steps are dropped without an update.
+        """
+        records: list[UpdateRecord] = []
+        if flush:
+            started = time.perf_counter()
+            for result in self.engine.finish():
+                records.append(self._apply(result, started))
+        self.engine.reset()
+        return records
+
+    def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
+        named = self.engine.named_parameters()
+        grads = [result.grads[n] for n, _ in named if result.grads[n] is not None]
+        norm = total_norm(grads).to(result.loss.device)
+        loss_value, norm_value, valid = torch.stack(
+            [result.loss.float(), norm.float(), result.valid_steps.float().to(result.loss.device)]
+        ).tolist()
+        u = result.update
+        reason = ""
+        if not (torch.isfinite(torch.tensor(loss_value)) and torch.isfinite(torch.tensor(norm_value))):
+            reason = f"non-finite {'loss' if not torch.isfinite(torch.tensor(loss_value)) else 'gradient'}"
+            if self.nonfinite == "raise":
+                raise NonFiniteError(
+                    f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss "
+                    f"{loss_value}, gradient norm {norm_value}; the weights were not changed"
+                )
+        elif valid == 0:
+            reason = "no valid steps"
+        if reason:
+            self.updates_skipped += 1
+            return UpdateRecord(u.stop, u.start, u.loss_start, u.stop, loss_value, norm_value,
+                                time.perf_counter() - started, True, reason)
+        scale = 1.0
+        if self.clip_grad_norm is not None:
+            scale = min(1.0, self.clip_grad_norm / (norm_value + 1e-6))
+        for name, p in named:
+            g = result.grads[name]
+            p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates_applied += 1
+        return UpdateRecord(u.stop, u.start, u.loss_start, u.stop, loss_value, norm_value,
+                            time.perf_counter() - started)
