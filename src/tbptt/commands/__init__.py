@@ -1,0 +1,1 @@
+"""One module per `tbptt` subcommand; each defines register(subparsers)."""
