@@ -3,13 +3,16 @@
 See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 """
 
+from . import models
 from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
+from .models import RecurrentNet
 from .trainer import NonFiniteError, Trainer, UpdateRecord
 
 __all__ = [
     "TBPTT",
+    "RecurrentNet",
     "Update",
     "Trainer",
     "UpdateRecord",
