@@ -1,0 +1,49 @@
+"""``tbptt schedule K1 K2 --n N``: draw which steps each update covers, and what it costs."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from ..schedule import TBPTT
+
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "schedule",
+        help="draw a TBPTT(k1, k2) schedule and its cost",
+        description="Draw which steps each update of TBPTT(K1, K2) runs forward, backpropagates "
+        "through and injects errors from, on a stream of N steps, with the cost in steps.",
+    )
+    p.add_argument("k1", help="steps between updates (an int, or n for the whole stream)")
+    p.add_argument("k2", help="steps backpropagated per update (an int, or n)")
+    p.add_argument("--n", type=int, default=20, help="stream length (default 20)")
+    p.add_argument("--errors", choices=("new", "window"), default="new",
+                   help="inject each error once (new, default) or every error of the window")
+    p.add_argument("--png", metavar="FILE", help="also write the drawing as a PNG")
+    p.add_argument("--width", type=int, default=None,
+                   help="terminal columns for the steps (default: fit the terminal)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.timeline import cost_table, plot_schedule, render_timeline
+
+    try:
+        schedule = TBPTT.parse(f"{args.k1},{args.k2}", errors=args.errors)
+        if args.n < 1:
+            raise ValueError(f"--n must be a positive stream length; got {args.n}")
+    except (TypeError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 2
+    console = Console()
+    # the row labels ("T=<n> ") take the left of each line
+    width = args.width or max(10, console.width - len(str(args.n)) - 4)
+    console.print(render_timeline(schedule, args.n, width=width))
+    console.print(cost_table(schedule, args.n))
+    if args.png:
+        plot_schedule(schedule, args.n, path=args.png)
+        console.print(f"wrote {args.png}")
+    return 0

@@ -1,0 +1,149 @@
+"""Drawing a TBPTT(k1, k2) schedule: which steps each update advances, backpropagates and injects.
+
+Every picture here is derived from one grid, ``schedule_grid(schedule, n)``, itself read off
+``schedule.updates(n)``: one row per update, one column per stream step, each cell one of
+
+- ``OUTSIDE``: the update does not touch the step;
+- ``ADVANCE``: a step of the update's block before its window (k1 > k2): run forward only;
+- ``WINDOW``: backpropagated through, but its error is not injected by this update;
+- ``ERROR``: its error is injected by this update (and it is backpropagated through).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from ..schedule import TBPTT
+
+OUTSIDE, ADVANCE, WINDOW, ERROR = 0, 1, 2, 3
+KIND_NAMES = {OUTSIDE: "outside", ADVANCE: "forward only", WINDOW: "window", ERROR: "errors injected"}
+_GLYPHS = {OUTSIDE: ("·", "dim"), ADVANCE: ("─", "yellow"), WINDOW: ("░", "blue"), ERROR: ("█", "red")}
+_COLOURS = ["#f4f4f4", "#f2c14e", "#8fb8de", "#d1495b"]
+
+
+def schedule_grid(schedule: TBPTT, n: int) -> np.ndarray:
+    """The ``[updates, n]`` grid of cell kinds (``OUTSIDE``/``ADVANCE``/``WINDOW``/``ERROR``)."""
+    if not isinstance(schedule, TBPTT):
+        raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
+    updates = schedule.updates(n)
+    grid = np.full((len(updates), n), OUTSIDE, dtype=np.int8)
+    previous = 0
+    for row, u in enumerate(updates):
+        grid[row, previous : u.start] = ADVANCE
+        grid[row, u.start : u.loss_start] = WINDOW
+        grid[row, u.loss_start : u.stop] = ERROR
+        previous = u.stop
+    return grid
+
+
+def _bins(n: int, width: int) -> int:
+    """Steps per terminal column so that ``n`` steps fit in ``width`` columns."""
+    return max(1, math.ceil(n / max(1, width)))
+
+
+def binned_grid(grid: np.ndarray, steps_per_column: int) -> np.ndarray:
+    """The grid with each column covering ``steps_per_column`` steps, showing the strongest kind."""
+    rows, n = grid.shape
+    columns = math.ceil(n / steps_per_column) if n else 0
+    padded = np.full((rows, columns * steps_per_column), OUTSIDE, dtype=grid.dtype)
+    padded[:, :n] = grid
+    return padded.reshape(rows, columns, steps_per_column).max(axis=2) if columns else padded
+
+
+def _shown_rows(count: int, max_rows: int) -> list[Optional[int]]:
+    """Row indices to print, with None where a run of rows is elided."""
+    if count <= max_rows:
+        return list(range(count))
+    head = max_rows - max_rows // 3
+    tail = max_rows - head - 1
+    return list(range(head)) + [None] + list(range(count - tail, count))
+
+
+def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 30) -> Group:
+    """A terminal timeline: one line per update, one character per step (or per bin of steps)."""
+    grid = schedule_grid(schedule, n)
+    updates = schedule.updates(n)
+    per = _bins(n, width)
+    cells = binned_grid(grid, per)
+    label_width = len(f"T={n}") + 1
+    lines: list[Text] = []
+    scale = f"1 column = {per} steps" if per > 1 else "1 column = 1 step"
+    lines.append(Text(f"{schedule} on n={n} steps ({scale})", style="bold"))
+    ruler = "".join("|" if (c * per) % (10 * per) == 0 else " " for c in range(cells.shape[1]))
+    lines.append(Text(" " * label_width + ruler, style="dim"))
+    for row in _shown_rows(len(updates), max_rows):
+        if row is None:
+            skipped = len(updates) - max_rows + 1
+            lines.append(Text(f"{'':{label_width}}... {skipped} more updates ...", style="dim"))
+            continue
+        line = Text(f"{'T=' + str(updates[row].stop):<{label_width}}")
+        for kind in cells[row]:
+            glyph, style = _GLYPHS[int(kind)]
+            line.append(glyph, style=style)
+        lines.append(line)
+    legend = Text()
+    for kind in (ERROR, WINDOW, ADVANCE, OUTSIDE):
+        glyph, style = _GLYPHS[kind]
+        legend.append(glyph, style=style)
+        legend.append(f" {KIND_NAMES[kind]}   ")
+    lines.append(legend)
+    return Group(*lines)
+
+
+def cost_table(schedule: TBPTT, n: int) -> Table:
+    """What the schedule costs on a stream of ``n`` steps, from ``schedule.cost(n)``."""
+    cost = schedule.cost(n)
+    table = Table(title=f"cost of {schedule} on n={n}", show_header=True)
+    table.add_column("quantity")
+    table.add_column("steps", justify="right")
+    table.add_column("meaning")
+    table.add_row("updates", str(cost["updates"]), "optimizer steps")
+    table.add_row("forward (stored)", str(cost["forward_stored"]), "each step run once")
+    table.add_row("forward (recompute)", str(cost["forward_recompute"]), "each window run at current weights")
+    table.add_row("backward", str(cost["backward"]), "steps backpropagated, all updates")
+    table.add_row("memory", str(cost["max_window"]), "activations held at once (longest window)")
+    return table
+
+
+def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = None, max_rows: int = 60):
+    """A matplotlib figure of the grid (updates down, steps across); saved as PNG when ``path`` is given.
+
+    Schedules with more than ``max_rows`` updates show their first ``max_rows``.
+    """
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    grid = schedule_grid(schedule, n)
+    shown = grid[:max_rows]
+    rows = max(1, shown.shape[0])
+    fig = Figure(figsize=(min(12.0, 6.0 + 0.08 * n), min(8.0, 2.0 + 0.25 * rows)), dpi=100)
+    ax = fig.add_subplot()
+    cmap = ListedColormap(_COLOURS)
+    norm = BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], cmap.N)
+    ax.imshow(shown if shown.size else np.zeros((1, max(n, 1)), dtype=np.int8), cmap=cmap, norm=norm,
+              aspect="auto", interpolation="nearest", extent=(0, max(n, 1), rows, 0))
+    updates = schedule.updates(n)[:max_rows]
+    ax.set_yticks([r + 0.5 for r in range(len(updates))])
+    ax.set_yticklabels([f"T={u.stop}" for u in updates], fontsize=7)
+    ax.set_xlabel("stream step")
+    more = f" (first {max_rows} of {grid.shape[0]} updates)" if grid.shape[0] > max_rows else ""
+    cost = schedule.cost(n)
+    ax.set_title(
+        f"{schedule}, n={n}{more}\nforward {cost['forward_stored']} (stored) / "
+        f"{cost['forward_recompute']} (recompute), backward {cost['backward']}, memory {cost['max_window']}",
+        fontsize=9,
+    )
+    handles = [Patch(color=_COLOURS[k], label=KIND_NAMES[k]) for k in (ERROR, WINDOW, ADVANCE)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
