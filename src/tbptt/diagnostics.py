@@ -1,0 +1,218 @@
+"""Diagnostics: how the gradient decays with lag, and summaries of gradient norms and loss curves.
+
+The lag probe answers "how large must k2 be?" for a given model: it measures the norm of
+d l_t / d s_{t - tau}, the derivative of the error at step t with respect to the recurrent state
+tau steps earlier, averaged over t. Truncating the backward pass at k2 steps drops every term with
+tau >= k2 (Williams & Peng, 1990; the truncation bias of Tallec & Ollivier, 2017), so the lag at
+which this curve has spent its mass is the k2 the model needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import state as st
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LagProfile:
+    """Mean gradient norm per lag: ``norms[i]`` is the mean of ||d l_t / d s_{t-tau}|| for
+    ``tau = lags[i]``, over ``positions`` steps t (the same steps for every lag) and the batch rows.
+
+    ``growth`` is the fitted ratio of one lag's norm to the previous one (geometric fit); the
+    gradient is ``exploding`` when it grows with lag (``growth > 1 + tolerance``).
+    """
+
+    lags: list[int]
+    norms: list[float]
+    positions: int
+    growth: float = field(init=False)
+    exploding: bool = field(init=False)
+    tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "growth", growth_rate(self.norms))
+        object.__setattr__(self, "exploding", self.growth > 1.0 + self.tolerance)
+
+    def recommend_k2(self, fraction: float = 0.01) -> Optional[int]:
+        """See ``recommend_k2``."""
+        return recommend_k2(self, fraction)
+
+    def as_dict(self) -> dict:
+        return {"lags": self.lags, "norms": self.norms, "positions": self.positions,
+                "growth": self.growth, "exploding": self.exploding}
+
+
+def _curve(curve: Union[LagProfile, Sequence[float]]) -> list[float]:
+    norms = list(curve.norms) if isinstance(curve, LagProfile) else [float(v) for v in curve]
+    if not norms:
+        raise ValueError("the lag curve is empty; measure at least one lag (max_lag >= 1)")
+    if any(not math.isfinite(v) or v < 0 for v in norms):
+        raise ValueError(f"lag norms must be finite and non-negative; got {norms}")
+    return norms
+
+
+def growth_rate(curve: Union[LagProfile, Sequence[float]]) -> float:
+    """The per-lag ratio of a geometric fit to the curve: exp of the least-squares slope of
+    log(norm) against lag (1.0 for a single lag; zero norms count as 1e-300)."""
+    norms = _curve(curve)
+    if len(norms) < 2:
+        return 1.0
+    logs = [math.log(max(v, 1e-300)) for v in norms]
+    n = len(logs)
+    mean_x, mean_y = (n + 1) / 2, sum(logs) / n
+    sxx = sum((i + 1 - mean_x) ** 2 for i in range(n))
+    sxy = sum((i + 1 - mean_x) * (y - mean_y) for i, y in enumerate(logs))
+    return math.exp(sxy / sxx)
+
+
+def recommend_k2(curve: Union[LagProfile, Sequence[float]], fraction: float = 0.01) -> Optional[int]:
+    """The smallest k2 such that lags beyond it carry at most ``fraction`` of the gradient's signal.
+
+    With ``norms[tau - 1]`` the mean norm at lag tau = 1..L, this is the smallest k with
+    ``sum(norms[k:]) <= fraction * sum(norms)``: a window of k steps keeps the lags 1..k and loses a
+    tail worth at most ``fraction`` of the measured mass. Returns None when the curve cannot tell:
+    the gradient is exploding, or the last measured lag alone carries more than ``fraction`` of the
+    mass (the answer lies past L; measure more lags).
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"fraction must be a number in (0, 1), e.g. 0.01; got {fraction!r}")
+    norms = _curve(curve)
+    exploding = curve.exploding if isinstance(curve, LagProfile) else growth_rate(norms) > 1.01
+    total = sum(norms)
+    if exploding or total == 0.0 or norms[-1] > fraction * total:
+        return None
+    for k in range(1, len(norms)):
+        if sum(norms[k:]) <= fraction * total:
+            return k
+    return len(norms)
+
+
+def _row_norms_squared(grads: Sequence[Optional[torch.Tensor]], leaves: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
+    """Per-row squared norm of the gradient with respect to a state, its leaves concatenated."""
+    total = torch.zeros(batch, dtype=torch.float64)
+    for g, leaf in zip(grads, leaves):
+        if g is None:
+            continue
+        dim = st.batch_dim(leaf, batch)
+        total += g.detach().movedim(dim, 0).reshape(batch, -1).double().pow(2).sum(dim=1).cpu()
+    return total
+
+
+def gradient_vs_lag(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    state: st.State = None,
+    *,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    max_lag: int = 50,
+    positions: int = 64,
+    mask: Optional[torch.Tensor] = None,
+) -> LagProfile:
+    """Measure ||d l_t / d s_{t-tau}|| for tau = 1..``max_lag``, averaged over steps t and rows.
+
+    ``model(inputs[B, T, ...], state) -> (outputs, new_state)`` is run one step at a time from
+    ``state`` (None: the model's own start); s_t is the state after step t, all its tensor leaves
+    taken together (h and c for nn.LSTM). l_t is ``loss_fn(outputs, targets)`` at step t. The
+    average runs over up to ``positions`` steps t evenly spread over ``[max_lag, T)`` (the same
+    steps for every lag, so the curve's shape is the decay itself) and over the rows, each row taken
+    as its own stream (rows must not interact); ``mask[B, T]`` leaves out invalid (row, t) pairs.
+    The model runs in eval mode and its weights are not changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError(f"inputs must be a tensor [B, T, ...]; got {getattr(inputs, 'shape', type(inputs).__name__)}")
+    batch, steps = inputs.shape[:2]
+    if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 1:
+        raise ValueError(f"max_lag must be a positive int; got {max_lag!r}")
+    if steps <= max_lag:
+        raise ValueError(
+            f"the probe needs more steps than max_lag: got T={steps} steps for max_lag={max_lag}; "
+            f"pass at least {max_lag + 1} steps or lower max_lag"
+        )
+    if not isinstance(positions, int) or positions < 1:
+        raise ValueError(f"positions must be a positive int; got {positions!r}")
+    if tuple(targets.shape[:2]) != (batch, steps):
+        raise ValueError(f"targets must match inputs in [B, T] = {(batch, steps)}; got {tuple(targets.shape[:2])}")
+
+    count = min(positions, steps - max_lag)
+    if count == 1:
+        ts = [steps - 1]
+    else:
+        ts = sorted({round(max_lag + i * (steps - 1 - max_lag) / (count - 1)) for i in range(count)})
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            states, outputs = [], []
+            s = state
+            for t in range(ts[-1] + 1):
+                out, s = model(inputs[:, t : t + 1], s)
+                outputs.append(out)
+                states.append(s)
+            sums = torch.zeros(max_lag, dtype=torch.float64)
+            weight = 0.0
+            for t in ts:
+                losses = loss_fn(outputs[t], targets[:, t : t + 1])
+                if tuple(losses.shape) != (batch, 1):
+                    raise ValueError(f"loss_fn must return per-step losses [B, T]; got shape {tuple(losses.shape)}")
+                rows = torch.ones(batch, dtype=torch.bool) if mask is None else mask[:, t].bool().cpu()
+                if not rows.any():
+                    continue
+                # rows do not interact, so the gradient of the summed loss holds each row's own
+                leaves = [st.tensors(states[t - tau]) for tau in range(1, max_lag + 1)]
+                flat = [leaf for group in leaves for leaf in group]
+                grads = torch.autograd.grad(losses[rows.to(losses.device), 0].sum(), flat,
+                                            retain_graph=True, allow_unused=True)
+                offset = 0
+                for i, group in enumerate(leaves):
+                    per_row = _row_norms_squared(grads[offset : offset + len(group)], group, batch).sqrt()
+                    offset += len(group)
+                    sums[i] += per_row[rows].sum()
+                weight += float(rows.sum())
+    finally:
+        model.train(was_training)
+    if weight == 0:
+        raise ValueError("the mask leaves no valid (row, step) pair to probe")
+    norms = (sums / weight).tolist()
+    return LagProfile(list(range(1, max_lag + 1)), norms, len(ts))
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries of a training run
+
+
+def grad_norm_summary(norms: Sequence[float], spike_factor: float = 10.0) -> dict[str, float]:
+    """Median, max and spike count of per-update gradient norms (finite ones only).
+
+    A spike is an update whose norm exceeds ``spike_factor`` times the median of the run.
+    """
+    finite = sorted(float(v) for v in norms if math.isfinite(v))
+    if not finite:
+        return {"grad_norm_median": math.nan, "grad_norm_max": math.nan, "grad_spikes": 0}
+    mid = len(finite) // 2
+    median = finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+    spikes = sum(v > spike_factor * median for v in finite)
+    return {"grad_norm_median": median, "grad_norm_max": finite[-1], "grad_spikes": int(spikes)}
+
+
+def roughness(losses: Sequence[float]) -> float:
+    """How jagged a loss curve is: the mean |change of log loss| between consecutive updates.
+
+    Scale-free (a curve and a multiple of it are as rough); 0 for a constant curve. Non-finite and
+    non-positive losses are left out. NaN when fewer than two remain.
+    """
+    logs = [math.log(v) for v in losses if math.isfinite(v) and v > 0]
+    if len(logs) < 2:
+        return math.nan
+    return sum(abs(b - a) for a, b in zip(logs[:-1], logs[1:])) / (len(logs) - 1)
