@@ -21,12 +21,15 @@ With k1 >= k2 no window reaches into an earlier block and the two strategies are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from . import state as st
 from .schedule import TBPTT, Update
@@ -34,6 +37,8 @@ from .schedule import TBPTT, Update
 Strategy = Literal["recompute", "stored"]
 STRATEGIES = ("recompute", "stored")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ResetFn = Callable[[object, torch.Tensor], object]
+"""``reset_fn(state, rows[B] bool) -> state`` with the rows' states reset and cut from the graph."""
 
 
 @dataclass
@@ -49,14 +54,27 @@ class UpdateResult:
 
 @dataclass
 class _Chunk:
+    """Steps ``[start, start + T)`` of the streams as received (or a slice of them)."""
+
     start: int
     inputs: torch.Tensor
     targets: torch.Tensor
     mask: Optional[torch.Tensor]
+    resets: Optional[torch.Tensor]
 
     @property
     def stop(self) -> int:
         return self.start + self.inputs.shape[1]
+
+    def slice(self, start: int, stop: int) -> "_Chunk":
+        a, b = max(start, self.start) - self.start, min(stop, self.stop) - self.start
+        return _Chunk(
+            self.start + a,
+            self.inputs[:, a:b],
+            self.targets[:, a:b],
+            None if self.mask is None else self.mask[:, a:b],
+            None if self.resets is None else self.resets[:, a:b],
+        )
 
 
 @dataclass
@@ -77,7 +95,7 @@ def check_strategy(strategy: str) -> None:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
 
 
-def _check_batch(inputs: object, targets: object, mask: object) -> None:
+def _check_batch(inputs: object, targets: object, mask: object, resets: object = None) -> None:
     for name, value in (("inputs", inputs), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, T, ...]; got {type(value).__name__}")
@@ -91,12 +109,16 @@ def _check_batch(inputs: object, targets: object, mask: object) -> None:
             f"inputs and targets must agree in batch and time [B, T]; got inputs "
             f"{tuple(inputs.shape[:2])} and targets {tuple(targets.shape[:2])}"
         )
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(inputs.shape[:2]):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+    for name, flags in (("mask", mask), ("resets", resets)):
+        if flags is None:
+            continue
+        if not isinstance(flags, torch.Tensor) or tuple(flags.shape) != tuple(inputs.shape[:2]):
+            shape = tuple(flags.shape) if isinstance(flags, torch.Tensor) else type(flags).__name__
             raise ValueError(
-                f"mask must be a [B, T] tensor matching inputs {tuple(inputs.shape[:2])}; got {shape}"
+                f"{name} must be a [B, T] tensor matching inputs {tuple(inputs.shape[:2])}; got {shape}"
             )
+        if flags.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor (True = {'valid step' if name == 'mask' else 'a sequence starts here'}); got {flags.dtype}")
 
 
 class StreamEngine:
@@ -112,6 +134,8 @@ class StreamEngine:
         loss_fn: LossFn,
         schedule: TBPTT,
         strategy: Strategy = "recompute",
+        reset_fn: Optional[ResetFn] = None,
+        checkpoint_segments: Optional[Union[int, str]] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -120,6 +144,14 @@ class StreamEngine:
         if not isinstance(schedule, TBPTT):
             raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
         check_strategy(strategy)
+        if checkpoint_segments is not None and checkpoint_segments != "sqrt" and not (
+            isinstance(checkpoint_segments, int) and not isinstance(checkpoint_segments, bool) and checkpoint_segments >= 1
+        ):
+            raise ValueError(
+                f"checkpoint_segments must be a positive int, 'sqrt' or None; got {checkpoint_segments!r}"
+            )
+        self.reset_fn = reset_fn or st.reset_rows
+        self.checkpoint_segments = checkpoint_segments
         self.model = model
         self.loss_fn = loss_fn
         self.schedule = schedule
@@ -139,6 +171,7 @@ class StreamEngine:
         self.previous = 0  # P: where the open block starts
         self._states: dict[int, st.State] = {0: initial_state}
         self._chunks: list[_Chunk] = []
+        self._reset_positions: set[int] = set()
         self._segments: list[_Segment] = []
         self._batch_size: Optional[int] = None
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
@@ -158,14 +191,18 @@ class StreamEngine:
         targets: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         end_of_stream: bool = False,
+        resets: Optional[torch.Tensor] = None,
     ) -> Iterator[UpdateResult]:
         """Append ``inputs[B, T, ...]``/``targets`` to the streams; yield each update they close.
+
+        ``mask[B, T]`` (bool) marks valid steps; ``resets[B, T]`` (bool) marks where a new sequence
+        starts in a row: that row's state is reset before the step and no gradient crosses it.
 
         The generator computes each update lazily: apply a result before asking for the next.
         With ``end_of_stream`` the open block is cut short at the end of this data, its update (if
         any errors are left to inject) is yielded, and the streams are reset.
         """
-        _check_batch(inputs, targets, mask)
+        _check_batch(inputs, targets, mask, resets)
         batch = inputs.shape[0]
         if self._batch_size is not None and batch != self._batch_size:
             raise ValueError(
@@ -174,7 +211,11 @@ class StreamEngine:
             )
         self._batch_size = batch
         if inputs.shape[1] > 0:
-            self._chunks.append(_Chunk(self.position, inputs, targets, mask))
+            if resets is not None:
+                # one host sync per call, so that the model calls can be split where rows reset
+                at = torch.nonzero(resets.any(dim=0)).flatten().tolist()
+                self._reset_positions.update(self.position + t for t in at)
+            self._chunks.append(_Chunk(self.position, inputs, targets, mask, resets))
             self.position += inputs.shape[1]
         while True:
             end = self.schedule.block_end(self.previous)
@@ -196,35 +237,42 @@ class StreamEngine:
         self.reset()
 
     # ------------------------------------------------------------------------------------------
-    def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        parts = [c for c in self._chunks if c.start < stop and c.stop > start]
-        xs, ys, ms = [], [], []
-        any_mask = any(c.mask is not None for c in parts)
-        for c in parts:
-            a, b = max(start, c.start) - c.start, min(stop, c.stop) - c.start
-            xs.append(c.inputs[:, a:b])
-            ys.append(c.targets[:, a:b])
-            if any_mask:
-                m = c.mask[:, a:b] if c.mask is not None else torch.ones(
-                    c.inputs.shape[0], b - a, dtype=torch.bool, device=c.inputs.device
-                )
-                ms.append(m.bool())
-        cat = (lambda t: t[0]) if len(parts) == 1 else (lambda t: torch.cat(t, dim=1))
-        return cat(xs), cat(ys), (cat(ms) if any_mask else None)
+    def _slice(self, start: int, stop: int) -> _Chunk:
+        parts = [c.slice(start, stop) for c in self._chunks if c.start < stop and c.stop > start]
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(field: str, fill: bool) -> Optional[torch.Tensor]:
+            values = [getattr(c, field) for c in parts]
+            if all(v is None for v in values):
+                return None
+            return torch.cat([v if v is not None else torch.full(c.inputs.shape[:2], fill, dtype=torch.bool,
+                                                                   device=c.inputs.device)
+                              for v, c in zip(values, parts)], dim=1)
+
+        return _Chunk(start, torch.cat([c.inputs for c in parts], dim=1),
+                      torch.cat([c.targets for c in parts], dim=1), cat("mask", True), cat("resets", False))
+
+    def _cuts(self, start: int, stop: int, *positions: Optional[int]) -> list[int]:
+        """Model-call boundaries in [start, stop): the given positions and every reset."""
+        inner = {p for p in positions if p is not None and start < p < stop}
+        inner |= {p for p in self._reset_positions if start < p < stop}
+        return [start, *sorted(inner), stop]
+
+    def _enter(self, position: int, state: st.State) -> st.State:
+        """The state entering step ``position``: reset in the rows where a sequence starts there."""
+        if position not in self._reset_positions or state is None:
+            return state
+        rows = self._slice(position, position + 1).resets[:, 0]
+        return self.reset_fn(state, rows)
 
     def _forget_before(self, position: int) -> None:
         """Drop inputs, states and stored segments that no later window can reach."""
-        kept: list[_Chunk] = []
-        for c in self._chunks:
-            if c.stop <= position:
-                continue
-            if c.start < position:
-                a = position - c.start
-                c = _Chunk(position, c.inputs[:, a:], c.targets[:, a:], None if c.mask is None else c.mask[:, a:])
-            kept.append(c)
-        self._chunks = kept
+        self._chunks = [c.slice(position, c.stop) if c.start < position else c
+                        for c in self._chunks if c.stop > position]
         self._states = {k: v for k, v in self._states.items() if k >= position or k == self.previous}
         self._segments = [s for s in self._segments if s.stop > position]
+        self._reset_positions = {p for p in self._reset_positions if p >= position}
 
     def _call(
         self, inputs: torch.Tensor, state: st.State, weights: Optional[dict[str, torch.Tensor]] = None
@@ -299,33 +347,64 @@ class StreamEngine:
         self.backward_steps += update.window
         return result
 
+    def _checkpoint_cuts(self, start: int, stop: int) -> list[int]:
+        """Where the window is cut into segments whose activations are recomputed in backward."""
+        if self.checkpoint_segments is None:
+            return []
+        length = stop - start
+        count = math.ceil(math.sqrt(length)) if self.checkpoint_segments == "sqrt" else self.checkpoint_segments
+        count = max(1, min(count, length))
+        return [start + round(i * length / count) for i in range(1, count)]
+
     def _recomputed_block(self, update: Update) -> UpdateResult:
         previous, start, stop = self.previous, update.start, update.stop
+        first = min(start, previous)
         saved = self.schedule.saved_state_position(previous)
-        cuts = sorted({start, previous, stop} | ({saved} if saved is not None and previous < saved < stop else set()))
-        cuts = [c for c in cuts if c >= min(start, previous)]
-        state = self._states[min(start, previous)]
+        cuts = self._cuts(first, stop, start, previous, saved, *self._checkpoint_cuts(start, stop))
+        state = self._states[first]
         window_outputs: list[torch.Tensor] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
-            x, _, _ = self._slice(a, b)
+            x = self._slice(a, b).inputs
+            state = self._enter(a, state)
             if b <= start:
                 # steps of a k1 > k2 block before its window only advance the state
                 with torch.no_grad():
                     _, state = self._call(x, state)
+            elif self.checkpoint_segments is not None:
+                out, state = self._checkpointed_call(x, state)
+                window_outputs.append(out)
             else:
                 out, state = self._call(x, state)
                 window_outputs.append(out)
             if b > previous:
                 self._states[b] = st.detach(state)
         outputs = window_outputs[0] if len(window_outputs) == 1 else torch.cat(window_outputs, dim=1)
-        _, targets, mask = self._slice(update.loss_start, stop)
-        offset = update.loss_start - start
-        losses = self._step_losses(outputs[:, offset:], targets, mask)
-        total, count = self._masked_sum(losses, mask)
+        errors = self._slice(update.loss_start, stop)
+        losses = self._step_losses(outputs[:, update.loss_start - start :], errors.targets, errors.mask)
+        total, count = self._masked_sum(losses, errors.mask)
         loss = total / count.clamp_min(1)
         named = self.named_parameters()
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
+
+    def _checkpointed_call(self, inputs: torch.Tensor, state: st.State) -> tuple[torch.Tensor, st.State]:
+        """A model call whose inner activations are dropped and recomputed during backward
+        (Gruslys et al. 2016): only the outputs and the state at the segment's end are kept."""
+        leaves, spec = pytree.tree_flatten(state)
+        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        out_spec: list = []
+
+        def run(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            full = list(leaves)
+            for i, t in zip(where, tensors):
+                full[i] = t
+            out, new_state = self._call(x, pytree.tree_unflatten(full, spec))
+            new_leaves, new_spec = pytree.tree_flatten(new_state)
+            out_spec[:] = [new_spec]
+            return (out, *new_leaves)
+
+        result = checkpoint(run, inputs, *[leaves[i] for i in where], use_reentrant=False)
+        return result[0], pytree.tree_unflatten(list(result[1:]), out_spec[0])
 
     def _stored_block(self, update: Update) -> UpdateResult:
         previous, stop = self.previous, update.stop
@@ -333,15 +412,14 @@ class StreamEngine:
         weights = {n: p.detach().clone().requires_grad_(True) for n, p in named}
         call_weights = dict(weights)
         call_weights.update(dict(self.model.named_buffers()))
-        saved = self.schedule.saved_state_position(previous)
-        cuts = sorted({previous, stop} | ({saved} if saved is not None and previous < saved < stop else set()))
+        cuts = self._cuts(previous, stop, self.schedule.saved_state_position(previous))
         prior: st.State = self._segments[-1].out_state if self._segments else self._states[previous]
         for a, b in zip(cuts[:-1], cuts[1:]):
-            x, y, m = self._slice(a, b)
+            piece = self._slice(a, b)
             in_state = st.detach_requiring_grad(prior)
-            out, out_state = self._call(x, in_state, call_weights)
-            seg = _Segment(a, b, in_state, out_state, self._step_losses(out, y, m), m, weights)
-            self._segments.append(seg)
+            out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
+            losses = self._step_losses(out, piece.targets, piece.mask)
+            self._segments.append(_Segment(a, b, in_state, out_state, losses, piece.mask, weights))
             self._states[b] = st.detach(out_state)
             prior = out_state
 
@@ -397,17 +475,21 @@ def truncated_gradients(
     schedule: TBPTT,
     state: st.State = None,
     mask: Optional[torch.Tensor] = None,
+    resets: Optional[torch.Tensor] = None,
+    reset_fn: Optional[ResetFn] = None,
+    checkpoint_segments: Optional[Union[int, str]] = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The gradient of every update of ``schedule`` on one stream, all at the model's current weights.
 
     Returns one ``{parameter_name: gradient}`` per update of ``schedule.updates(T)``, in order
     (zeros for a parameter the update's loss does not reach). Neither the weights nor their
-    ``.grad`` are changed. ``state`` is the state entering step 0 (None: the model's own start).
+    ``.grad`` are changed. ``state`` is the state entering step 0 (None: the model's own start);
+    ``mask``/``resets`` as in ``StreamEngine.feed``; ``checkpoint_segments`` trades memory for time.
     """
-    engine = StreamEngine(model, loss_fn, schedule, "recompute")
+    engine = StreamEngine(model, loss_fn, schedule, "recompute", reset_fn, checkpoint_segments)
     engine.reset(initial_state=state)
     params = dict(engine.named_parameters())
     out = []
-    for result in engine.feed(inputs, targets, mask, end_of_stream=True):
+    for result in engine.feed(inputs, targets, mask, end_of_stream=True, resets=resets):
         out.append({n: torch.zeros_like(params[n]) if g is None else g for n, g in result.grads.items()})
     return out

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from . import state as st
-from .engine import LossFn, StreamEngine, Strategy, UpdateResult
+from .engine import LossFn, ResetFn, StreamEngine, Strategy, UpdateResult
 from .schedule import TBPTT
 
 NonFinite = Literal["skip", "raise"]
@@ -62,6 +62,11 @@ class Trainer:
     - ``nonfinite``: ``"skip"`` an update whose loss or gradient is not finite (it is recorded
       with ``skipped=True``), or ``"raise"`` a ``NonFiniteError`` naming the stream step. Either
       way the weights never see it.
+    - ``reset_fn(state, rows)``: how a row's state is reset where a sequence starts (default:
+      zeros, for any nesting; nn.RNN/GRU/LSTM states handled by their batch dimension 1).
+    - ``checkpoint_segments``: cut each recomputed window into this many segments (or
+      ``"sqrt"``) whose activations are recomputed in backward: memory for time (Gruslys et al.
+      2016), the same gradient.
     """
 
     def __init__(
@@ -73,6 +78,8 @@ class Trainer:
         strategy: Strategy = "recompute",
         clip_grad_norm: Optional[float] = None,
         nonfinite: NonFinite = "skip",
+        reset_fn: Optional[ResetFn] = None,
+        checkpoint_segments: Optional[Union[int, str]] = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
@@ -82,7 +89,7 @@ class Trainer:
             raise ValueError(f"clip_grad_norm must be a positive number or None; got {clip_grad_norm!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise'; got {nonfinite!r}")
-        self.engine = StreamEngine(model, loss_fn, schedule, strategy)
+        self.engine = StreamEngine(model, loss_fn, schedule, strategy, reset_fn, checkpoint_segments)
         self.model = model
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
@@ -114,18 +121,21 @@ class Trainer:
         targets: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         end_of_stream: bool = False,
+        resets: Optional[torch.Tensor] = None,
     ) -> list[UpdateRecord]:
         """Continue the B streams with ``inputs[B, T, ...]`` and ``targets``; one record per update.
 
         Updates fall at every k1-th step of the stream however it is cut into calls, and windows
         reach back across calls. Steps after the last update are held until their block closes.
-        ``mask[B, T]`` marks valid steps: masked steps inject no error. ``end_of_stream=True``
+        ``mask[B, T]`` marks valid steps: masked steps inject no error and no gradient, and an
+        update's loss is the mean over its valid steps. ``resets[B, T]`` marks where a new sequence
+        starts in a row (its state is reset there; no gradient crosses). ``end_of_stream=True``
         ends the streams after this data, as ``reset_state()`` does.
         """
         self.model.train()
         records: list[UpdateRecord] = []
         started = time.perf_counter()
-        for result in self.engine.feed(inputs, targets, mask, end_of_stream=end_of_stream):
+        for result in self.engine.feed(inputs, targets, mask, end_of_stream, resets):
             records.append(self._apply(result, started))
             started = time.perf_counter()
         return records
