@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -67,12 +67,12 @@ def rmse_in_units(scaler: StandardScaler, outputs: Tensor, targets: Tensor, mask
 
 def load_co2() -> np.ndarray:
     """Weekly Mauna Loa CO2 in ppm, ``[T]`` float64, NaN where a week was not measured."""
-    return _statsmodels_frame("co2")["co2"].to_numpy(dtype=np.float64)
+    return _statsmodels_column("co2", "co2")
 
 
 def load_sunspots() -> np.ndarray:
     """Yearly sunspot numbers from 1700, ``[T]`` float64."""
-    return _statsmodels_frame("sunspots")["SUNACTIVITY"].to_numpy(dtype=np.float64)
+    return _statsmodels_column("sunspots", "SUNACTIVITY")
 
 
 def co2_task(*, batch_size: int = 4, eval_batch_size: int = 1, horizon: int = 1) -> Task:
@@ -195,7 +195,13 @@ def _valid(split: Split) -> Tensor:
     return split.mask if split.mask is not None else torch.ones(split.inputs.shape[:2], dtype=torch.bool)
 
 
-def _statsmodels_frame(name: str):
+def _statsmodels_column(name: str, column: str) -> np.ndarray:
+    # a copy of the cached column: callers may change theirs freely
+    return _statsmodels_values(name, column).copy()
+
+
+@lru_cache(maxsize=None)
+def _statsmodels_values(name: str, column: str) -> np.ndarray:
     try:
         from statsmodels import datasets
     except ImportError as error:
@@ -203,4 +209,4 @@ def _statsmodels_frame(name: str):
             f"the {name} dataset ships with statsmodels, which is not installed; "
             "install it with: pip install tbptt[data]"
         ) from error
-    return getattr(datasets, name).load_pandas().data
+    return getattr(datasets, name).load_pandas().data[column].to_numpy(dtype=np.float64, copy=True)
