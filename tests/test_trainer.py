@@ -195,7 +195,7 @@ class SavedBytes:
                                             (5, 20, "stored"), (20, 5, "stored"), (1, 8, "stored")])
 def test_retained_activations_do_not_grow_with_the_stream(k1, k2, strategy):
     peaks = []
-    for n in (200, 1000):
+    for n in (120, 480):
         torch.manual_seed(0)
         model = tbptt.models.RecurrentNet(3, 8, 2)
         trainer = tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=0.01),

@@ -4,10 +4,12 @@ See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 """
 
 from . import models
+from .checkpoint import CheckpointError
 from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
 from .models import RecurrentNet
+from .fit import History
 from .trainer import NonFiniteError, Trainer, UpdateRecord
 
 __all__ = [
@@ -17,6 +19,8 @@ __all__ = [
     "Trainer",
     "UpdateRecord",
     "NonFiniteError",
+    "History",
+    "CheckpointError",
     "StreamEngine",
     "UpdateResult",
     "STRATEGIES",

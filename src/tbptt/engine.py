@@ -184,6 +184,60 @@ class StreamEngine:
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def state_dict(self) -> dict:
+        """The streams as they stand: position, carried states, the open block's buffered steps and,
+        for ``stored``, the weight snapshots and entering states of the kept activations (which
+        ``load_state_dict`` recomputes, bit for bit, instead of saving a graph)."""
+        snapshots: list[dict[str, torch.Tensor]] = []
+        index: dict[int, int] = {}
+        segments = []
+        for seg in self._segments:
+            if id(seg.weights) not in index:
+                index[id(seg.weights)] = len(snapshots)
+                snapshots.append({n: w.detach() for n, w in seg.weights.items()})
+            segments.append({"start": seg.start, "stop": seg.stop, "in_state": st.detach(seg.in_state),
+                             "weights": index[id(seg.weights)]})
+        return {
+            "schedule": str(self.schedule),
+            "strategy": self.strategy,
+            "position": self.position,
+            "previous": self.previous,
+            "states": dict(self._states),
+            "chunks": [(c.start, c.inputs, c.targets, c.mask, c.resets) for c in self._chunks],
+            "reset_positions": sorted(self._reset_positions),
+            "batch_size": self._batch_size,
+            "state_shapes": self._state_shapes,
+            "forward_steps": self.forward_steps,
+            "backward_steps": self.backward_steps,
+            "snapshots": snapshots,
+            "segments": segments,
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue the streams saved by ``state_dict``."""
+        for key, mine in (("schedule", str(self.schedule)), ("strategy", self.strategy)):
+            if saved.get(key) != mine:
+                raise ValueError(
+                    f"the saved streams were run with {key} {saved.get(key)!r}, this engine uses "
+                    f"{mine!r}; resume with the same {key}"
+                )
+        self.reset()
+        self.position = saved["position"]
+        self.previous = saved["previous"]
+        self._states = dict(saved["states"])
+        self._chunks = [_Chunk(*c) for c in saved["chunks"]]
+        self._reset_positions = set(saved["reset_positions"])
+        self._batch_size = saved["batch_size"]
+        self._state_shapes = None if saved["state_shapes"] is None else [tuple(s) for s in saved["state_shapes"]]
+        self.forward_steps = saved["forward_steps"]
+        self.backward_steps = saved["backward_steps"]
+        snapshots = [{n: w.clone().requires_grad_(True) for n, w in snap.items()} for snap in saved["snapshots"]]
+        with torch.enable_grad():
+            for seg in saved["segments"]:
+                self._segments.append(self._run_segment(seg["start"], seg["stop"], seg["in_state"],
+                                                        snapshots[seg["weights"]]))
+        self.forward_steps = saved["forward_steps"]
+
     # ------------------------------------------------------------------------------------------
     def feed(
         self,
@@ -226,6 +280,32 @@ class StreamEngine:
                 yield result
         if end_of_stream:
             yield from self.finish()
+
+    def forward(
+        self, inputs: torch.Tensor, state: st.State = None, resets: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, st.State]:
+        """Run the model over ``inputs[B, T, ...]`` from ``state`` with the streams' reset rules, as
+        training would, but apart from the training streams (evaluation, prediction). Call it under
+        ``torch.no_grad()`` to keep no graph."""
+        if resets is not None:
+            _check_batch(inputs, inputs, None, resets)
+        positions = [] if resets is None else torch.nonzero(resets.any(dim=0)).flatten().tolist()
+        bounds = [0, *[p for p in positions if p > 0], inputs.shape[1]]
+        outputs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if resets is not None and state is not None and resets[:, a].any():
+                state = self.reset_fn(state, resets[:, a])
+            out, state = self._call_unchecked_shape(inputs[:, a:b], state)
+            outputs.append(out)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
+
+    def _call_unchecked_shape(self, inputs: torch.Tensor, state: st.State) -> tuple[torch.Tensor, st.State]:
+        # apart from the training streams: their state shape and step counts are left alone
+        shapes, self._state_shapes, steps = self._state_shapes, None, self.forward_steps
+        try:
+            return self._call(inputs, state)
+        finally:
+            self._state_shapes, self.forward_steps = shapes, steps
 
     def finish(self) -> Iterator[UpdateResult]:
         """End the streams: cut the open block short at the last step received, yield its update
@@ -406,22 +486,26 @@ class StreamEngine:
         result = checkpoint(run, inputs, *[leaves[i] for i in where], use_reentrant=False)
         return result[0], pytree.tree_unflatten(list(result[1:]), out_spec[0])
 
+    def _run_segment(self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor]) -> _Segment:
+        """Run steps [a, b) once under a weight snapshot, keeping the graph for later windows."""
+        piece = self._slice(a, b)
+        in_state = st.detach_requiring_grad(prior)
+        call_weights = {**weights, **dict(self.model.named_buffers())}
+        out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
+        losses = self._step_losses(out, piece.targets, piece.mask)
+        return _Segment(a, b, in_state, out_state, losses, piece.mask, weights)
+
     def _stored_block(self, update: Update) -> UpdateResult:
         previous, stop = self.previous, update.stop
         named = self.named_parameters()
         weights = {n: p.detach().clone().requires_grad_(True) for n, p in named}
-        call_weights = dict(weights)
-        call_weights.update(dict(self.model.named_buffers()))
         cuts = self._cuts(previous, stop, self.schedule.saved_state_position(previous))
         prior: st.State = self._segments[-1].out_state if self._segments else self._states[previous]
         for a, b in zip(cuts[:-1], cuts[1:]):
-            piece = self._slice(a, b)
-            in_state = st.detach_requiring_grad(prior)
-            out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
-            losses = self._step_losses(out, piece.targets, piece.mask)
-            self._segments.append(_Segment(a, b, in_state, out_state, losses, piece.mask, weights))
-            self._states[b] = st.detach(out_state)
-            prior = out_state
+            segment = self._run_segment(a, b, prior, weights)
+            self._segments.append(segment)
+            self._states[b] = st.detach(segment.out_state)
+            prior = segment.out_state
 
         # backward through the window, newest segment first, chaining state gradients by hand
         window = [s for s in self._segments if s.start >= update.start]

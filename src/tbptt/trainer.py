@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from . import state as st
 from .engine import LossFn, ResetFn, StreamEngine, Strategy, UpdateResult
 from .schedule import TBPTT
+
+if TYPE_CHECKING:
+    from .fit import History
 
 NonFinite = Literal["skip", "raise"]
 
@@ -139,6 +142,29 @@ class Trainer:
             records.append(self._apply(result, started))
             started = time.perf_counter()
         return records
+
+    def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> "History":
+        """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
+        ``(inputs, targets[, mask[, resets]])``); each epoch streams it from fresh states.
+
+        Options: ``segment_length`` (steps per ``train_on`` call; default the whole split),
+        ``metric(outputs, targets, mask) -> float`` (reported on ``valid``), ``scheduler`` and
+        ``scheduler_interval`` ("epoch" or "update"; ReduceLROnPlateau gets the validation loss),
+        ``callbacks`` (objects with ``on_update(trainer, record)`` and/or
+        ``on_epoch_end(trainer, info) -> stop?``), ``patience`` (early stopping on validation
+        loss) and ``restore_best``, ``checkpoint`` (path) with ``checkpoint_every`` (updates) and
+        ``resume``, ``log`` (``.jsonl``/``.csv``), ``progress`` (None: a bar only on a terminal),
+        ``max_seconds``. Returns the ``History``.
+        """
+        from .fit import fit
+
+        return fit(self, train, epochs, valid, **options)
+
+    def evaluate(self, data: Any, metric: Optional[Callable] = None, segment_length: Optional[int] = None) -> dict:
+        """Loss and metric on a split from fresh states, without gradient; training streams untouched."""
+        from .fit import evaluate
+
+        return evaluate(self, data, metric, segment_length)
 
     def reset_state(self, flush: bool = True) -> list[UpdateRecord]:
         """End the streams; the next ``train_on`` starts fresh streams (state None).
