@@ -181,7 +181,16 @@ class Trainer:
         self.engine.reset()
         return records
 
+    def reduce(self, result: UpdateResult) -> UpdateResult:
+        """Combine an update's gradient with other processes' before it is checked and applied.
+
+        The identity here; data-parallel training overrides it to average the update across ranks
+        (once per update, whatever the strategy's backward passes were).
+        """
+        return result
+
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
+        result = self.reduce(result)
         named = self.engine.named_parameters()
         grads = [result.grads[n] for n, _ in named if result.grads[n] is not None]
         norm = total_norm(grads).to(result.loss.device)
