@@ -33,24 +33,36 @@ def co2():
     return load_task("co2", batch_size=3), load_co2()
 
 
-def test_co2_splits_by_time_and_scales_with_train_statistics_only(co2):
-    task, raw = co2
-    n = len(raw)
+@pytest.mark.parametrize("difference", [False, True])
+@pytest.mark.parametrize("horizon", [1, 2])
+def test_co2_splits_by_time_and_scales_with_train_statistics_only(difference, horizon):
+    task, raw = load_task("co2", batch_size=3, difference=difference, horizon=horizon), load_co2()
+    h, n = horizon, len(raw)
     n_train, n_valid = int(0.7 * n), int(0.15 * n)
     assert np.isnan(raw).sum() > 0  # the real series has unmeasured weeks
-    assert torch.allclose(task.scaler.mean.double(), torch.tensor([np.nanmean(raw[:n_train])]), rtol=1e-6)
-    assert torch.allclose(task.scaler.std.double(), torch.tensor([np.nanstd(raw[:n_train])]), rtol=1e-6)
-    assert task.train.batch_size == 3 and task.valid.batch_size == task.test.batch_size == 1
     filled = fill_forward(raw)
-    ranges = {"train": (1, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
+    # the target of the pair scored at week e: the level there, or its change since week e - h
+    level_at = lambda e: raw[e]  # noqa: E731
+    change_at = lambda e: raw[e] - filled[e - h]  # noqa: E731
+    target_at = change_at if difference else level_at
+    # the scaler sees every value of the modelled quantity in the training weeks, nothing later
+    train_targets = np.array([target_at(e) for e in range(h if difference else 0, n_train)])
+    first = 2 * h if difference else h  # the first week scored: its input needs h (2h) weeks before
+    assert task.scaler.mean.item() == pytest.approx(np.nanmean(train_targets), rel=1e-5)
+    assert task.scaler.std.item() == pytest.approx(np.nanstd(train_targets), rel=1e-5)
+    assert task.train.batch_size == 3 and task.valid.batch_size == task.test.batch_size == 1
+    ranges = {"train": (first, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
     for name, (a, b) in ranges.items():
         s = task.split(name)
-        # targets are the split's own weeks, in order; inputs are the week before, filled causally
-        inputs = task.scaler.inverse(rows_concatenated(s.inputs, b - a))
-        targets = task.scaler.inverse(rows_concatenated(s.targets, b - a))
-        np.testing.assert_allclose(inputs[:, 0].numpy(), filled[a - 1 : b - 1], rtol=1e-6)
+        # targets are the split's own weeks, in order; inputs end h weeks earlier, filled causally
+        inputs = task.scaler.inverse(rows_concatenated(s.inputs, b - a))[:, 0].numpy()
+        targets = task.scaler.inverse(rows_concatenated(s.targets, b - a))[:, 0].numpy()
+        weeks = np.arange(a, b)
+        known = filled[weeks - h] - filled[weeks - 2 * h] if difference else filled[weeks - h]
+        np.testing.assert_allclose(inputs, known, rtol=1e-5, atol=1e-4)
         observed = ~np.isnan(raw[a:b])
-        np.testing.assert_allclose(targets[:, 0].numpy()[observed], raw[a:b][observed], rtol=1e-6)
+        expected = np.array([target_at(e) for e in weeks])
+        np.testing.assert_allclose(targets[observed], expected[observed], rtol=1e-5, atol=1e-4)
         # unmeasured weeks are not scored (nor trained on), and neither is the padding
         if observed.all():
             assert s.mask is None or rows_concatenated(s.mask, b - a).all()
@@ -71,9 +83,10 @@ def test_co2_does_not_look_at_later_splits(monkeypatch, co2):
     assert not torch.equal(other.valid.targets, task.valid.targets)
 
 
+@pytest.mark.parametrize("difference", [False, True])
 @pytest.mark.parametrize("horizon", [1, 3])
-def test_co2_persistence_baseline_and_metric_in_ppm(horizon):
-    task, raw = load_task("co2", horizon=horizon), load_co2()
+def test_co2_persistence_baseline_and_metric_in_ppm(horizon, difference):
+    task, raw = load_task("co2", horizon=horizon, difference=difference), load_co2()
     n = len(raw)
     a = int(0.7 * n) + int(0.15 * n)  # test targets run from a to n
     previous = fill_forward(raw)[a - horizon : n - horizon]
@@ -105,6 +118,8 @@ def test_sunspots_shapes_scaling_and_persistence():
 def test_series_tasks_reject_too_many_rows():
     with pytest.raises(ValueError, match="sunspots series.*fewer than its 60 rows"):
         load_task("sunspots", eval_batch_size=60)
+    with pytest.raises(ValueError, match="difference must be True or False; got 'yes'"):
+        load_task("sunspots", difference="yes")
 
 
 def test_missing_statsmodels_says_how_to_install(monkeypatch):

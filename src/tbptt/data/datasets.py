@@ -75,22 +75,32 @@ def load_sunspots() -> np.ndarray:
     return _statsmodels_column("sunspots", "SUNACTIVITY")
 
 
-def co2_task(*, batch_size: int = 4, eval_batch_size: int = 1, horizon: int = 1) -> Task:
-    """One-step-ahead (``horizon`` weeks) forecasting of weekly Mauna Loa CO2; RMSE in ppm.
+def co2_task(
+    *, batch_size: int = 4, eval_batch_size: int = 1, horizon: int = 1, difference: bool = True
+) -> Task:
+    """Forecasting weekly Mauna Loa CO2 ``horizon`` weeks ahead; RMSE in ppm.
 
     Missing weeks are filled with the last measured value, never a later one (interpolating
-    between neighbours would put a future target into the inputs), and are not scored."""
+    between neighbours would put a future target into the inputs), and are not scored. With
+    ``difference`` (the default) the model sees and predicts changes over ``horizon`` weeks: the
+    level keeps rising out of the training range, its changes do not.
+    """
+    what = "changes" if difference else "levels"
     return _forecasting_task(
-        "co2", load_co2(), "ppm", batch_size, eval_batch_size, horizon,
-        f"weekly Mauna Loa CO2 (ppm), forecast {horizon} week(s) ahead; yearly cycle of 52 steps",
+        "co2", load_co2(), "ppm", batch_size, eval_batch_size, horizon, difference,
+        f"weekly Mauna Loa CO2 (ppm), {what} forecast {horizon} week(s) ahead; yearly cycle of 52 steps",
     )
 
 
-def sunspots_task(*, batch_size: int = 4, eval_batch_size: int = 1, horizon: int = 1) -> Task:
-    """One-step-ahead (``horizon`` years) forecasting of yearly sunspot numbers; RMSE in sunspots."""
+def sunspots_task(
+    *, batch_size: int = 4, eval_batch_size: int = 1, horizon: int = 1, difference: bool = False
+) -> Task:
+    """Forecasting yearly sunspot numbers ``horizon`` years ahead; RMSE in sunspot numbers.
+    ``difference``: see and predict changes over ``horizon`` years instead of levels."""
+    what = "changes" if difference else "levels"
     return _forecasting_task(
-        "sunspots", load_sunspots(), "sunspot number", batch_size, eval_batch_size, horizon,
-        f"yearly sunspot numbers, forecast {horizon} year(s) ahead; cycle of about 11 steps",
+        "sunspots", load_sunspots(), "sunspot number", batch_size, eval_batch_size, horizon, difference,
+        f"yearly sunspot numbers, {what} forecast {horizon} year(s) ahead; cycle of about 11 steps",
     )
 
 
@@ -132,21 +142,38 @@ def text_task(
 
 
 def _forecasting_task(
-    name: str, values: np.ndarray, unit: str, batch_size: int, eval_batch_size: int, horizon: int, description: str
+    name: str, values: np.ndarray, unit: str, batch_size: int, eval_batch_size: int, horizon: int,
+    difference: bool, description: str,
 ) -> Task:
+    """Pairs (x[t], x[t + horizon]) of the series, or of its changes x[t] - x[t - horizon] when
+    ``difference``, scaled with the training part's statistics; each split's targets are its own
+    steps. The metric and the persistence baseline are in the series' units either way: a change
+    forecast's error is the error of the level forecast x[t] + change."""
     _check_ints(batch_size=batch_size, eval_batch_size=eval_batch_size, horizon=horizon)
+    if not isinstance(difference, bool):
+        raise ValueError(f"difference must be True or False; got {difference!r}")
     raw = torch.tensor(values, dtype=torch.float64).reshape(len(values), -1)
     observed = ~raw.isnan().any(-1)
-    bounds = _bounds(len(raw), SERIES_FRACTIONS)
-    scaler64 = StandardScaler.fit(raw[: bounds[1]])
+    filled = _fill_forward(raw)
+    # `offset`: the step of the original series that element 0 of `series` belongs to
+    offset = horizon if difference else 0
+    series = filled[horizon:] - filled[:-horizon] if difference else filled
+    series_observed = observed[offset:]
+    bounds = tuple(max(b - offset, 0) for b in _bounds(len(raw), SERIES_FRACTIONS))
+    train_part = series[: bounds[1]]
+    scaler64 = StandardScaler.fit(torch.where(series_observed[: bounds[1], None], train_part, math.nan))
     scaler = StandardScaler(scaler64.mean.float(), scaler64.std.float())
-    scaled = scaler64.transform(_fill_forward(raw)).float()
-    pairs = _pairs_by_time(scaled, bounds, horizon, f"the {name} series ({len(raw)} steps)",
-                           (batch_size, eval_batch_size, eval_batch_size), observed)
+    pairs = _pairs_by_time(scaler64.transform(series).float(), bounds, horizon,
+                           f"the {name} series ({len(raw)} steps)", (batch_size, eval_batch_size, eval_batch_size),
+                           series_observed)
     train, valid, test = (stateful_streams(x, y, rows, mask=m) for x, y, m, rows in pairs)
     metric = partial(rmse_in_units, scaler)
-    # persistence: the forecast of x[t + horizon] is x[t], which is the input at step t
-    baseline = {split_name: metric(s.inputs, s.targets, s.mask) for split_name, s in (("valid", valid), ("test", test))}
+
+    def persistence(split: Split) -> Tensor:
+        # the forecast of x[t + horizon] is x[t]: the input itself, or a change of zero
+        return scaler.transform(torch.zeros_like(split.targets)) if difference else split.inputs
+
+    baseline = {split_name: metric(persistence(s), s.targets, s.mask) for split_name, s in (("valid", valid), ("test", test))}
     return Task(
         name, 1, 1, train, valid, test, squared_error, f"RMSE ({unit})", False, "persistence", baseline,
         dependency=None, vocab=None, metric_fn=metric, description=description, scaler=scaler,
