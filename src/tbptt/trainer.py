@@ -6,6 +6,7 @@ loss and gradient before it reaches the weights.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
@@ -199,8 +200,8 @@ class Trainer:
         ).tolist()
         u = result.update
         reason = ""
-        if not (torch.isfinite(torch.tensor(loss_value)) and torch.isfinite(torch.tensor(norm_value))):
-            reason = f"non-finite {'loss' if not torch.isfinite(torch.tensor(loss_value)) else 'gradient'}"
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}"
             if self.nonfinite == "raise":
                 raise NonFiniteError(
                     f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss "
