@@ -26,7 +26,8 @@ from torch import Tensor
 ArrayLike = Union[Tensor, np.ndarray]
 
 
-@dataclass(frozen=True)
+# eq=False: tensors compare elementwise, so splits compare by identity
+@dataclass(frozen=True, eq=False)
 class Split:
     """B streams of T steps: ``inputs[B, T, ...]``, ``targets[B, T, ...]``, ``mask[B, T]`` bool
     (None: all steps valid) and ``resets[B, T]`` bool (None: no sequence boundary inside a row)."""

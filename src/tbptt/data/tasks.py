@@ -56,7 +56,8 @@ def bits_per_symbol(outputs: Tensor, targets: Tensor, mask: Optional[Tensor] = N
     return _masked_mean(cross_entropy(outputs.double(), targets), mask) / math.log(2)
 
 
-@dataclass(frozen=True)
+# eq=False: fields hold tensors, whose == is elementwise; tasks compare by identity
+@dataclass(frozen=True, eq=False)
 class Task:
     """A learning problem with its train/valid/test streams, loss and skill metric.
 
@@ -85,7 +86,7 @@ class Task:
     dependency: Optional[int]
     vocab: Optional[int]
     description: str
-    metric_fn: MetricFn = field(repr=False, default=accuracy)
+    metric_fn: MetricFn = field(repr=False)
     scaler: Optional[Any] = None
     alphabet: Optional[tuple[str, ...]] = None
 
