@@ -5,6 +5,17 @@ See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 
 from . import models
 from .checkpoint import CheckpointError
+from .data import (
+    TASKS,
+    Split,
+    Task,
+    forecasting_pairs,
+    load_task,
+    packed_streams,
+    padded_batch,
+    stateful_streams,
+    task_options,
+)
 from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
@@ -27,6 +38,15 @@ __all__ = [
     "truncated_gradients",
     "detach",
     "reset_rows",
+    "Split",
+    "Task",
+    "TASKS",
+    "load_task",
+    "task_options",
+    "stateful_streams",
+    "padded_batch",
+    "packed_streams",
+    "forecasting_pairs",
 ]
 
 __version__ = "0.1.0"
