@@ -1,0 +1,239 @@
+"""The contenders of the benchmark suite: tbptt's Trainer, the hand-written loops it is compared
+with, and the least-work bounds, each as an untimed setup that returns the run to time.
+
+Every contender trains the same ``RecurrentNet`` (nn.LSTM + linear head) from the same initial
+weights on the same streams with the same optimizer (plain SGD).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .engine import StreamEngine
+from .models import RecurrentNet
+from .schedule import TBPTT
+from .trainer import Trainer
+
+
+def per_step_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-step squared error averaged over features, ``[B, T]``."""
+    return (outputs - targets).pow(2).mean(dim=-1)
+
+
+class Workload:
+    """One model's initial weights and ``batch`` streams of ``n`` steps (inputs and regression
+    targets), shared by every contender of a row; seeded, so every row sees the same numbers."""
+
+    def __init__(self, batch: int, inputs: int, hidden: int, outputs: int, n: int,
+                 device: str = "cpu", seed: int = 0, lr: float = 1e-3) -> None:
+        self.batch, self.n_inputs, self.hidden, self.n_outputs, self.n = batch, inputs, hidden, outputs, n
+        self.device = torch.device(device)
+        self.lr = lr
+        torch.manual_seed(seed)
+        template = RecurrentNet(inputs, hidden, outputs, cell="lstm")
+        self.weights = {k: v.clone() for k, v in template.state_dict().items()}
+        generator = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(batch, n, inputs, generator=generator).to(self.device)
+        self.targets = torch.randn(batch, n, outputs, generator=generator).to(self.device)
+
+    def model(self) -> RecurrentNet:
+        model = RecurrentNet(self.n_inputs, self.hidden, self.n_outputs, cell="lstm").to(self.device)
+        model.load_state_dict(self.weights)
+        return model
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+Prepared = tuple[Callable[[], None], list[torch.Tensor]]
+Job = Callable[[], Prepared]
+"""Untimed setup returning the timed run and the parameters it trains."""
+
+
+def checkpoint_option() -> Optional[str]:
+    """The name of the engine's gradient-checkpointing option, if it has one."""
+    if "checkpoint_segments" in inspect.signature(StreamEngine.__init__).parameters:
+        return "checkpoint_segments"
+    return None
+
+
+def make_trainer(work: Workload, schedule: TBPTT, strategy: str = "recompute", **engine_options: object) -> Trainer:
+    model = work.model()
+    trainer_params = inspect.signature(Trainer.__init__).parameters
+    direct = {k: v for k, v in engine_options.items() if k in trainer_params}
+    trainer = Trainer(model, per_step_mse, work.optimizer(model.parameters()), schedule, strategy, **direct)
+    rest = {k: v for k, v in engine_options.items() if k not in trainer_params}
+    if rest:  # an option only the engine knows yet
+        trainer.engine = StreamEngine(model, per_step_mse, schedule, strategy, **rest)
+    return trainer
+
+
+def trainer_job(work: Workload, schedule: TBPTT, strategy: str = "recompute", **engine_options: object) -> Job:
+    """tbptt.Trainer over the whole stream in one call."""
+
+    def setup() -> Prepared:
+        trainer = make_trainer(work, schedule, strategy, **engine_options)
+        return (lambda: trainer.train_on(work.inputs, work.targets, end_of_stream=True)), list(trainer.model.parameters())
+
+    return setup
+
+
+def detach_loop_job(work: Workload, k: Optional[int]) -> Job:
+    """The word_language_model loop: chunks of k, carry the state, ``repackage_hidden``, step."""
+
+    def setup() -> Prepared:
+        model = work.model()
+        optimizer = work.optimizer(model.parameters())
+        chunk = work.n if k is None else k
+
+        def run() -> None:
+            state = None
+            for s in range(0, work.n, chunk):
+                outputs, state = model(work.inputs[:, s:s + chunk], state)
+                loss = per_step_mse(outputs, work.targets[:, s:s + chunk]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state = tuple(h.detach() for h in state)
+
+        return run, list(model.parameters())
+
+    return setup
+
+
+def cell_recipe_job(work: Workload, k1: int, k2: int) -> Job:
+    """The common hand-written TBPTT(k1, k2), k1 < k2: every k1 steps, re-run the last k2 steps
+    from the saved state with an LSTMCell, one step at a time, and backpropagate the new errors."""
+    if not k1 < k2:
+        raise ValueError(f"the LSTMCell recipe re-runs overlapping windows and needs k1 < k2; got {k1}, {k2}")
+
+    def setup() -> Prepared:
+        source = work.model()
+        cell = torch.nn.LSTMCell(work.n_inputs, work.hidden).to(work.device)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(source.rnn, name + "_l0"))
+        head = source.head
+        params = list(cell.parameters()) + list(head.parameters())
+        optimizer = work.optimizer(params)
+        n = work.n
+        blocks = range(0, n, k1)
+        # the window of the block starting at p begins at p + k1 - k2 (clipped at 0)
+        starts = {max(0, p + k1 - k2) for p in blocks}
+
+        def run() -> None:
+            zeros = work.inputs.new_zeros(work.batch, work.hidden)
+            saved = {0: (zeros, zeros)}
+            for previous in blocks:
+                start, end = max(0, previous + k1 - k2), min(n, previous + k1)
+                h, c = saved[start]
+                hs = []
+                for t in range(start, end):
+                    h, c = cell(work.inputs[:, t], (h, c))
+                    hs.append(h)
+                    if t + 1 > previous and t + 1 in starts:
+                        saved[t + 1] = (h.detach(), c.detach())
+                outputs = head(torch.stack(hs[previous - start:], dim=1))
+                loss = per_step_mse(outputs, work.targets[:, previous:end]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        return run, params
+
+    return setup
+
+
+def recompute_bound_job(work: Workload, schedule: TBPTT) -> Job:
+    """Least work of ``recompute``: per update, one fused call over its window from a constant
+    entering state, the head on the injected steps only, one backward, one optimizer step."""
+
+    def setup() -> Prepared:
+        model = work.model()
+        optimizer = work.optimizer(model.parameters())
+        updates = schedule.updates(work.n)
+
+        def run() -> None:
+            for u in updates:
+                hidden, _ = model.rnn(work.inputs[:, u.start:u.stop])
+                outputs = model.head(hidden[:, u.loss_start - u.start:])
+                loss = per_step_mse(outputs, work.targets[:, u.loss_start:u.stop]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        return run, list(model.parameters())
+
+    return setup
+
+
+def stored_bound_job(work: Workload, schedule: TBPTT) -> Job:
+    """Least work of ``stored``: each step runs forward once, in the calls of k1 steps the schedule
+    forces (the weights change every k1 steps), with its graph and its errors' loss; per update,
+    the backward alone through one fused graph as long as its window (built untimed, on a copy of
+    the weights, and kept with ``retain_graph``); one optimizer step per update."""
+
+    def setup() -> Prepared:
+        model = work.model()
+        params = list(model.parameters())
+        optimizer = work.optimizer(params)
+        updates = schedule.updates(work.n)
+        # the windows' graphs live on a copy so that optimizer steps do not invalidate them
+        copy = work.model()
+        copy_params = list(copy.parameters())
+        graphs = {}
+        for window, errors in {(u.window, u.errors) for u in updates}:
+            hidden, _ = copy.rnn(work.inputs[:, :window])
+            outputs = copy.head(hidden[:, window - errors:])
+            graphs[window, errors] = per_step_mse(outputs, work.targets[:, window - errors:window]).mean()
+
+        def run() -> None:
+            state = None
+            previous = 0
+            for u in updates:
+                outputs, state = model(work.inputs[:, previous:u.stop], state)
+                per_step_mse(outputs, work.targets[:, previous:u.stop]).mean()
+                state = tuple(h.detach() for h in state)
+                grads = torch.autograd.grad(graphs[u.window, u.errors], copy_params, retain_graph=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optimizer.step()
+                previous = u.stop
+
+        return run, params
+
+    return setup
+
+
+def keras_stateful_job(work: Workload, k: int) -> Job:
+    """Keras 3 stateful LSTM + Dense trained chunk by chunk with ``train_on_batch`` (TBPTT(k, k) the
+    Keras way), same sizes, SGD at the same learning rate. Needs ``keras`` importable; runs on
+    whatever backend Keras is configured with (its own weights, initialised by Keras)."""
+    import keras  # optional: only called where keras is importable
+
+    def setup() -> Prepared:
+        model = keras.Sequential([
+            keras.Input(batch_shape=(work.batch, None, work.n_inputs)),
+            keras.layers.LSTM(work.hidden, stateful=True, return_sequences=True),
+            keras.layers.Dense(work.n_outputs),
+        ])
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=work.lr), loss="mse")
+        x, y = work.inputs.cpu().numpy(), work.targets.cpu().numpy()
+
+        def run() -> None:
+            for layer in model.layers:
+                if getattr(layer, "stateful", False):
+                    layer.reset_states()
+            for s in range(0, work.n, k):
+                model.train_on_batch(x[:, s:s + k], y[:, s:s + k])
+
+        return run, []
+
+    return setup
