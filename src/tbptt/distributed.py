@@ -1,0 +1,434 @@
+"""Data-parallel TBPTT on ``torch.distributed``: each rank carries its own share of the B streams
+and every update's gradient is averaged across ranks once, whatever backward passes made it.
+
+``DistributedTrainer`` is a ``Trainer`` whose ``reduce`` all-reduces each update (one flat
+all-reduce, weighted by valid steps, so the result is the gradient of the mean over all ranks'
+valid steps). Checkpoints are written by rank 0 in the single-process format (all B rows), so a
+run resumes on any number of ranks, or on one process with a plain ``Trainer``. See
+``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from functools import reduce as fold
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+from . import checkpoint as ckpt
+from . import state as st
+from .data import Split
+from .engine import UpdateResult
+from .fit import History, as_split
+from .trainer import Trainer
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a collective may wait for the other ranks before the job fails."""
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# the single-process readers and writers; DistributedTrainer.fit routes fit's calls through its own
+_write, _read = ckpt.save, ckpt.load
+
+
+class DistributedError(RuntimeError):
+    """Ranks that disagree, or a collective that failed because another rank stopped or died."""
+
+
+def in_torchrun_env() -> bool:
+    """Whether this process was started by torchrun (its rendezvous variables are set)."""
+    return all(k in os.environ for k in TORCHRUN_ENV)
+
+
+def init_from_env(backend: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; returns (rank, world size).
+
+    ``backend``: "gloo" or "nccl" (default: nccl when CUDA is available, else gloo). With nccl the
+    process uses the GPU ``LOCAL_RANK``. ``timeout``: seconds any collective may wait for the other
+    ranks; past it the job fails with an error instead of hanging. Does nothing but report the rank
+    when the group is already initialised.
+    """
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or None (choose by device); got {backend!r}")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"torchrun's environment is missing {', '.join(missing)}; launch the job with "
+            "`torchrun --nproc_per_node N ...` (or set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+        )
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # without it a timed-out NCCL collective blocks forever instead of raising
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class DistributedTrainer(Trainer):
+    """A ``Trainer`` for one rank of a data-parallel job on an initialised process group.
+
+    Takes ``Trainer``'s arguments and ``group`` (None: the default group). Rank 0's parameters
+    and buffers are broadcast at construction. Give each rank its own rows (``shard``) and the
+    same validation split; every update is then the update one process would make with all the
+    rows (``reduce``). ``fit`` checkpoints through rank 0 (``save_checkpoint``/``load_checkpoint``).
+    """
+
+    def __init__(self, *args: Any, group: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> None:
+        if not dist.is_initialized():
+            raise DistributedError(
+                "DistributedTrainer needs an initialised process group: call "
+                "tbptt.distributed.init_from_env() under torchrun, or torch.distributed.init_process_group()"
+            )
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._root = 0 if group is None else dist.get_global_rank(group, 0)
+        self._rows: Optional[int] = None
+        self._broadcast_model()
+
+    # ------------------------------------------------------------------------------------------
+    def shard(self, data: Any) -> Split:
+        """This rank's contiguous share of the rows of a split (``Split.rows(rank, world)``)."""
+        split = as_split(data, "data")
+        return Split(split.inputs, split.targets, split.mask, split.resets).rows(self.rank, self.world_size)
+
+    def reduce(self, result: UpdateResult) -> UpdateResult:
+        """The update as if one process held every rank's rows: gradients and loss weighted by each
+        rank's valid steps, summed in one all-reduce and divided by the total count. A gradient
+        that is None on some ranks counts as zeros there; None on every rank stays None."""
+        named = self.engine.named_parameters()
+        device = named[0][1].device if named else result.loss.device
+        present = [result.grads.get(n) is not None for n, _ in named]
+        dtype = fold(torch.promote_types, [g.dtype for g in result.grads.values() if g is not None],
+                     torch.promote_types(result.loss.dtype, torch.float32))
+        count = result.valid_steps.to(device=device, dtype=dtype).reshape(1)
+        flat = [(g.to(dtype) if (g := result.grads.get(n)) is not None
+                 else torch.zeros(p.shape, dtype=dtype, device=device)).reshape(-1) for n, p in named]
+        # each mean times its count: summed over ranks, that is the sum over all ranks' valid steps
+        weighted = torch.cat(flat + [result.loss.to(device=device, dtype=dtype).reshape(1)]) * count
+        buffer = torch.cat([weighted, count, torch.tensor(present, dtype=dtype, device=device)])
+        self._collective(dist.all_reduce, buffer, what=f"the all-reduce of the update at stream step {result.update.stop}")
+        sizes = [p.numel() for _, p in named]
+        size = sum(sizes)
+        total = buffer[size + 1]
+        mean = buffer[: size + 1] / total.clamp_min(1)
+        anywhere = (buffer[size + 2:] > 0).tolist()
+        grads: dict[str, Optional[torch.Tensor]] = {}
+        for (name, p), g, used in zip(named, torch.split(mean[:size], sizes), anywhere):
+            grads[name] = g.view(p.shape) if used else None
+        return UpdateResult(result.update, mean[size], grads, total)
+
+    def check_consistency(self) -> None:
+        """Raise ``DistributedError`` naming the first parameter or buffer that differs between ranks
+        (compared by three float64 checksums per tensor: cheap enough to call every epoch)."""
+        named = self._model_tensors()
+        sums = torch.stack([_checksum(t) for _, t in named]).to(self._device())
+        every = [torch.empty_like(sums) for _ in range(self.world_size)]
+        self._collective(dist.all_gather, every, sums, what="the consistency check")
+        for r, theirs in enumerate(every):
+            differs = (theirs != every[0]).any(dim=1).nonzero().flatten().tolist()
+            if differs:
+                raise DistributedError(
+                    f"rank {r} holds a different {named[differs[0]][0]!r} than rank 0 (and {len(differs) - 1} "
+                    "more tensors): ranks have drifted apart; were some updates skipped on one rank only, "
+                    "or was the model changed outside the trainer?"
+                )
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> History:
+        """``Trainer.fit`` on this rank's rows (``train``), with the whole ``valid`` split on every
+        rank. Ranks are first checked to agree on everything that decides when they communicate;
+        only rank 0 writes the log, shows progress and writes checkpoints."""
+        if options.get("max_seconds") is not None:
+            raise ValueError(
+                "max_seconds is not supported by DistributedTrainer.fit: each rank's clock would stop it "
+                "at a different update and the others would wait for it; bound the run with epochs"
+            )
+        split = as_split(train, "train")
+        self._rows = split.inputs.shape[0]
+        checkpoint = options.get("checkpoint")
+        facts = {
+            "steps per row of train": split.inputs.shape[1],
+            "epochs": epochs,
+            "schedule": str(self.schedule),
+            "strategy": self.strategy,
+            "options": repr(sorted((k, v) for k, v in options.items()
+                                   if k in ("segment_length", "checkpoint_every", "patience", "scheduler_interval",
+                                            "resume", "restore_best"))),
+            "valid split": None if valid is None else _fingerprint(as_split(valid, "valid")),
+            "checkpoint path": None if checkpoint is None else os.path.abspath(checkpoint),
+        }
+        if checkpoint is not None:
+            facts["rows of train"] = self._rows
+            facts["checkpoint exists"] = os.path.exists(checkpoint)
+        self._agree(facts)
+        if self.rank != 0:
+            options = {**options, "log": None, "progress": False}
+        with self._checkpoints_through_rank_zero():
+            return super().fit(train, epochs, valid, **options)
+
+    def save_checkpoint(self, payload: dict[str, Any], path: Any) -> None:
+        """Write ``fit``'s checkpoint from rank 0, with every rank's rows gathered into one stream
+        state of all B rows (and, for a resume on as many ranks, each rank's own stream and RNG
+        states); all ranks return once it is on disk."""
+        mine = (_to_cpu(payload["engine"]), payload["rng"])
+        gathered: Optional[list] = [None] * self.world_size if self.rank == 0 else None
+        self._collective(dist.gather_object, mine, gathered, dst=self._root, what="gathering the checkpoint")
+        failure: list[Optional[str]] = [None]
+        error: Optional[Exception] = None
+        if self.rank == 0:
+            assert gathered is not None
+            try:
+                engine = merge_streams([g[0] for g in gathered], self.model, self.engine.reset_fn)
+                _write({**payload, "engine": engine, "engine_ranks": [g[0] for g in gathered],
+                        "rng_ranks": [g[1] for g in gathered], "world_size": self.world_size}, path)
+            except Exception as exc:
+                failure[0] = f"{type(exc).__name__}: {exc}"
+                error = exc
+        self._collective(dist.broadcast_object_list, failure, src=self._root, what="confirming the checkpoint")
+        if failure[0] is not None:
+            if error is not None:
+                raise error
+            raise ckpt.CheckpointError(f"rank 0 could not write the checkpoint {path}: {failure[0]}")
+
+    def load_checkpoint(self, path: Any) -> dict[str, Any]:
+        """Read a checkpoint (from any number of ranks, or one process) with this rank's rows of the
+        streams. On as many ranks as saved, each rank gets back exactly its own stream and RNG
+        states; on another number, its share of all rows, and ranks past 0 keep their RNG."""
+        saved = _read(path)
+        engine = saved["engine"]
+        rows = engine.get("batch_size")
+        if rows is not None and self._rows is not None and rows != self._rows * self.world_size:
+            raise ckpt.CheckpointError(
+                f"{path} holds {rows} streams but {self.world_size} ranks train {self._rows} rows each "
+                f"({self._rows * self.world_size} in all); resume on the same data"
+            )
+        if saved.get("world_size") == self.world_size:
+            # the same ranks: each takes back exactly what it held (bit for bit, as one process does)
+            saved["engine"] = shard_streams(saved["engine_ranks"][self.rank], 0, 1, self._device())
+            saved["rng"] = saved["rng_ranks"][self.rank]
+            return saved
+        try:
+            saved["engine"] = shard_streams(engine, self.rank, self.world_size, self._device())
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"{path}: {exc}") from exc
+        if self.rank != 0:
+            saved["rng"] = ckpt.rng_state()  # another world size: ranks past 0 keep their own generators
+        return saved
+
+    # ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _checkpoints_through_rank_zero(self) -> Iterator[None]:
+        # fit.py calls tbptt.checkpoint.save/load; until it offers a trainer hook, route them here
+        ckpt.save, ckpt.load = self.save_checkpoint, self.load_checkpoint
+        try:
+            yield
+        finally:
+            ckpt.save, ckpt.load = _write, _read
+
+    def _model_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.named_parameters()) + list(self.model.named_buffers())
+
+    def _device(self) -> torch.device:
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _broadcast_model(self) -> None:
+        """Rank 0's weights and buffers on every rank: one broadcast per (device, dtype)."""
+        kinds: dict[tuple, list[torch.Tensor]] = {}
+        for _, t in self._model_tensors():
+            kinds.setdefault((t.device, t.dtype), []).append(t)
+        with torch.no_grad():
+            for tensors in kinds.values():
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                self._collective(dist.broadcast, flat, src=self._root, what="broadcasting rank 0's weights")
+                for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+                    t.copy_(part.view(t.shape))
+
+    def _agree(self, facts: dict[str, Any]) -> None:
+        every: list[Any] = [None] * self.world_size
+        self._collective(dist.all_gather_object, every, facts, what="comparing the ranks' settings")
+        for key in facts:
+            values = [f.get(key) for f in every]
+            if any(v != values[0] for v in values):
+                raise DistributedError(
+                    f"ranks disagree on {key}: {', '.join(f'rank {r}: {v!r}' for r, v in enumerate(values))}; "
+                    "every rank must train on the same number of steps with the same settings and "
+                    "validate on the same split"
+                )
+
+    def _collective(self, op: Any, *args: Any, what: str, **kwargs: Any) -> None:
+        try:
+            op(*args, group=self.group, **kwargs)
+        except RuntimeError as exc:
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed; another rank has probably stopped "
+                f"or died (see its error) or did not answer within the timeout. {exc}"
+            ) from exc
+
+
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    x = t.detach().reshape(-1).double()
+    where = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device) / max(x.numel(), 1)
+    return torch.stack([x.sum(), (x * x).sum(), (x * where).sum()]).cpu()
+
+
+def _fingerprint(split: Any) -> tuple:
+    """Shapes and float64 sums of a split: equal on every rank when each has the same split."""
+    parts = [split.inputs, split.targets, split.mask, split.resets]
+    return tuple(None if p is None else (tuple(p.shape), float(p.double().sum())) for p in parts)
+
+
+def _to_cpu(tree: Any) -> Any:
+    return pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stream states of all B rows from the ranks' shares and back. An engine state (StreamEngine.
+# state_dict) holds row-indexed tensors: carried states, the open block's steps and, for the stored
+# strategy, the entering states of kept segments.
+def _rows_dim(shape: tuple[int, ...], rows: int) -> int:
+    if len(shape) >= 2 and shape[0] == rows and shape[1] == rows:
+        raise ValueError(
+            f"a state tensor of shape {shape} has {rows} in both its first dimensions, so which one indexes "
+            f"the {rows} streams is ambiguous; resume with the world size that was saved, or choose a "
+            "number of rows per rank that differs from the state's other sizes (e.g. the layers)"
+        )
+    try:
+        return st.batch_dim(torch.empty(shape, device="meta"), rows)
+    except ValueError:
+        raise ValueError(
+            f"a state tensor of shape {shape} has no dimension of size {rows} (the streams); states "
+            "whose tensors are not indexed by the rows cannot be split among ranks"
+        ) from None
+
+
+def _cat_rows(states: list[Any], rows: int) -> Any:
+    flat = [pytree.tree_flatten(s) for s in states]
+    leaves = []
+    for parts in zip(*(f[0] for f in flat)):
+        if isinstance(parts[0], torch.Tensor):
+            leaves.append(torch.cat(parts, dim=_rows_dim(tuple(parts[0].shape), rows)))
+        else:
+            leaves.append(parts[0])
+    return pytree.tree_unflatten(leaves, flat[0][1])
+
+
+def _take_rows(state: Any, rows: int, a: int, b: int) -> Any:
+    return st.map_tensors(lambda x: x.narrow(_rows_dim(tuple(x.shape), rows), a, b - a), state)
+
+
+def _recut(saved: dict, positions: list[int], model: torch.nn.Module, reset_fn: Any) -> list[dict]:
+    """A rank's stored segments cut at ``positions`` too (other ranks' resets): the state where
+    a segment is cut is run forward from the segment's start under its weight snapshot."""
+    own = set(saved["reset_positions"])
+    device = next(model.parameters()).device
+    out = []
+    for seg in saved["segments"]:
+        bounds = [seg["start"], *[p for p in positions if seg["start"] < p < seg["stop"]], seg["stop"]]
+        state = seg["in_state"]
+        weights = {**saved["snapshots"][seg["weights"]], **dict(model.named_buffers())}
+        weights = {n: w.to(device) for n, w in weights.items()}
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            out.append({**seg, "start": a, "stop": b, "in_state": state})
+            if b == seg["stop"]:
+                break
+            inputs = torch.cat([c[1][:, max(a - c[0], 0): b - c[0]] for c in saved["chunks"]
+                                if c[0] < b and c[0] + c[1].shape[1] > a], dim=1)
+            entering = st.map_tensors(lambda x: x.to(device), state)
+            if a in own and entering is not None:
+                chunk = next(c for c in saved["chunks"] if c[0] <= a < c[0] + c[1].shape[1])
+                entering = reset_fn(entering, chunk[4][:, a - chunk[0]].to(device))
+            with torch.no_grad():
+                _, state = functional_call(model, weights, (inputs.to(device), entering))
+            state = _to_cpu(state)
+    return out
+
+
+def merge_streams(shares: list[dict], model: torch.nn.Module, reset_fn: Any = st.reset_rows) -> dict:
+    """One engine state of all rows from the ranks' engine states (rank order = row order), the
+    state one process would hold; ``model`` and ``reset_fn`` rebuild stored segments where only
+    some ranks cut them (at their own resets)."""
+    first = shares[0]
+    for key in ("schedule", "strategy", "position", "previous"):
+        if any(s[key] != first[key] for s in shares):
+            raise ValueError(f"the ranks' streams differ in {key}: {[s[key] for s in shares]}")
+    if first["batch_size"] is None or len(shares) == 1:
+        return first
+    rows = first["batch_size"]
+    if any(s["batch_size"] != rows for s in shares):
+        raise ValueError(f"ranks hold different numbers of rows {[s['batch_size'] for s in shares]}; use Split.rows")
+    positions = sorted(set().union(*(s["reset_positions"] for s in shares)))
+    if any(s["segments"] for s in shares):
+        shares = [{**s, "segments": _recut(s, positions, model, reset_fn)} for s in shares]
+    cuts = [[(seg["start"], seg["stop"]) for seg in s["segments"]] for s in shares]
+    if any(c != cuts[0] for c in cuts):
+        raise ValueError(f"the ranks' stored segments do not line up: {cuts}")
+    keys = [k for k in first["states"] if all(k in s["states"] for s in shares)]
+
+    def flags(value: Optional[torch.Tensor], like: torch.Tensor, fill: bool) -> torch.Tensor:
+        return value if value is not None else torch.full(like.shape[:2], fill, dtype=torch.bool)
+
+    chunks = []
+    for parts in zip(*(s["chunks"] for s in shares)):
+        start, inputs = parts[0][0], torch.cat([c[1] for c in parts])
+        mask = None if all(c[3] is None for c in parts) else torch.cat([flags(c[3], c[1], True) for c in parts])
+        resets = None if all(c[4] is None for c in parts) else torch.cat([flags(c[4], c[1], False) for c in parts])
+        chunks.append((start, inputs, torch.cat([c[2] for c in parts]), mask, resets))
+    shapes = first["state_shapes"]
+    return {
+        **first,
+        "batch_size": rows * len(shares),
+        "states": {k: _cat_rows([s["states"][k] for s in shares], rows) for k in keys},
+        "chunks": chunks,
+        "reset_positions": positions,
+        "state_shapes": None if shapes is None else [_resized(s, rows, rows * len(shares)) for s in shapes],
+        "segments": [{**seg, "in_state": _cat_rows([s["segments"][i]["in_state"] for s in shares], rows)}
+                     for i, seg in enumerate(shares[0]["segments"])],
+    }
+
+
+def _resized(shape: tuple[int, ...], rows: int, new_rows: int) -> tuple[int, ...]:
+    d = _rows_dim(tuple(shape), rows)
+    return tuple(new_rows if i == d else n for i, n in enumerate(shape))
+
+
+def shard_streams(saved: dict, rank: int, world: int, device: Any = "cpu") -> dict:
+    """Rank ``rank`` of ``world``'s contiguous share of the rows of an engine state of all rows,
+    its tensors on ``device``."""
+    rows = saved["batch_size"]
+    move = lambda tree: pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)  # noqa: E731
+    if rows is None or world == 1:
+        return move(saved)
+    if rows % world:
+        raise ValueError(f"the checkpoint holds {rows} streams, which {world} ranks cannot share evenly; "
+                         f"resume on a number of ranks that divides {rows}")
+    share = rows // world
+    a, b = rank * share, (rank + 1) * share
+    chunks = [(c[0], c[1][a:b], c[2][a:b], None if c[3] is None else c[3][a:b], None if c[4] is None else c[4][a:b])
+              for c in saved["chunks"]]
+    positions = sorted({c[0] + t for c in chunks if c[4] is not None
+                        for t in torch.nonzero(c[4].any(dim=0)).flatten().tolist()})
+    shapes = saved["state_shapes"]
+    return move({
+        **saved,
+        "batch_size": share,
+        "states": {k: _take_rows(v, rows, a, b) for k, v in saved["states"].items()},
+        "chunks": chunks,
+        "reset_positions": positions,
+        "state_shapes": None if shapes is None else [_resized(s, rows, share) for s in shapes],
+        "segments": [{**seg, "in_state": _take_rows(seg["in_state"], rows, a, b)} for seg in saved["segments"]],
+    })
