@@ -1,0 +1,175 @@
+"""``tbptt train --task NAME --config K1,K2``: train one TBPTT(k1, k2) configuration on a task with
+``Trainer.fit`` and compare its test metric with the task's trivial baseline.
+
+Under torchrun (or with ``--distributed``) every rank trains its share of the streams with a
+``DistributedTrainer`` and rank 0 alone prints, logs and checkpoints:
+
+    torchrun --nproc_per_node 2 -m tbptt train --task echo --config 10,20 --log-file log.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from typing import Any, get_args
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..data import TASKS
+from ..engine import STRATEGIES
+from ..models import Cell
+from ..schedule import TBPTT
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train one TBPTT(k1, k2) configuration on a task",
+        description="Train a recurrent net on TASK with TBPTT(K1, K2), print each epoch and the test "
+        "metric next to the task's trivial baseline. Under torchrun (or with --distributed) each rank "
+        "trains its share of the streams and rank 0 prints: "
+        "torchrun --nproc_per_node 2 -m tbptt train --task echo --config 10,20 --distributed",
+    )
+    p.add_argument("--task", required=True, choices=TASKS, help="the task to learn")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the task (repeatable), e.g. delay=8 or path=book.txt")
+    p.add_argument("--config", required=True, metavar="K1,K2",
+                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="recompute",
+                   help="windows recomputed at the current weights (exact) or stored as first computed")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training streams (default 10)")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
+    p.add_argument("--cell", choices=get_args(Cell), default="lstm", help="recurrent cell (default lstm)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default 1e-2)")
+    p.add_argument("--clip", type=float, default=1.0, help="clip each update's gradient norm (0: off; default 1)")
+    p.add_argument("--segment-length", type=int, default=None, metavar="STEPS",
+                   help="steps per train_on call (default: the whole stream in one call)")
+    p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")
+    # --log-file: torchrun's own parser takes a bare --log for an abbreviation of its --log-dir
+    p.add_argument("--log", "--log-file", dest="log", metavar="FILE",
+                   help="write the epochs as .jsonl or .csv (under torchrun spell it --log-file)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over torchrun's ranks (implied when torchrun's environment is set)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="distributed: how long a rank waits for the others before the job fails (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
+    p.set_defaults(func=run)
+
+
+def task_options(name: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as the task's options, each read as the type of its default."""
+    from ..data import task_options as accepted
+
+    defaults = accepted(name)
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"bad --task-option {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(defaults)} (the options of task {name!r})")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--task-option {key} takes true or false; got {text!r}")
+            options[key] = text.lower() in ("true", "1")
+        elif isinstance(default, (int, float)):
+            try:
+                options[key] = type(default)(text)
+            except ValueError:
+                raise ValueError(f"--task-option {key} takes a {type(default).__name__}; got {text!r}") from None
+        else:
+            options[key] = text
+    return options
+
+
+def _check(args: argparse.Namespace) -> TBPTT:
+    for name in ("epochs", "hidden"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive int; got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number; got {args.lr}")
+    if not (math.isfinite(args.clip) and args.clip >= 0):
+        raise ValueError(f"--clip must be a number >= 0 (0 turns clipping off); got {args.clip}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
+    return TBPTT.parse(args.config)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import distributed as tdist
+    from ..checkpoint import CheckpointError
+    from ..data import load_task
+    from ..trainer import Trainer
+
+    errors = Console(stderr=True)
+    distributed = args.distributed or tdist.in_torchrun_env()
+    joined = False
+    try:
+        schedule = _check(args)
+        task = load_task(args.task, **task_options(args.task, args.task_option))
+        rank, world = 0, 1
+        if distributed:
+            joined = not torch.distributed.is_initialized()
+            rank, world = tdist.init_from_env(timeout=args.timeout or tdist.DEFAULT_TIMEOUT)
+    except (ValueError, TypeError, tdist.DistributedError) as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        return 2
+    console = Console(quiet=rank != 0)
+    try:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        device = torch.device("cpu")
+        if distributed and torch.distributed.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        model = task.model(hidden=args.hidden, cell=args.cell).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        kind = tdist.DistributedTrainer if distributed else Trainer
+        trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=args.strategy,
+                       clip_grad_norm=args.clip or None)
+        train = trainer.shard(task.train) if distributed else task.train
+        console.print(f"{task.description}: {schedule}, {args.strategy}, "
+                      f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
+        history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
+                              segment_length=args.segment_length, checkpoint=args.checkpoint,
+                              checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log)
+        if rank == 0:
+            test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
+            report(console, task, history, test["metric"], world)
+    except (ValueError, TypeError, CheckpointError) as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        return 2
+    except tdist.DistributedError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def report(console: Console, task: Any, history: Any, test_metric: float, world: int) -> None:
+    """The per-epoch table, the test metric against the baseline, and the training throughput."""
+    name = task.metric_name
+    table = Table(title=f"{task.name}: {len(history.epochs)} epochs")
+    for column in ("epoch", "train loss", "valid loss", f"valid {name}", "updates", "skipped", "seconds"):
+        table.add_column(column, justify="right")
+    for e in history.epochs:
+        table.add_row(str(e["epoch"]), f"{e['train_loss']:.4g}", f"{e.get('valid_loss', math.nan):.4g}",
+                      f"{e.get('valid_metric', math.nan):.4g}", str(e["updates"]), str(e["skipped"]),
+                      f"{e['epoch_time']:.2f}")
+    console.print(table)
+    baseline = task.baseline["test"]
+    better = test_metric > baseline if task.higher_is_better else test_metric < baseline
+    verdict = "[green]beats[/green]" if better else "[red]does not beat[/red]"
+    console.print(f"test {name}: {test_metric:.4g}, {verdict} the baseline ({task.baseline_name}): {baseline:.4g}")
+    if history.stopped_by:
+        console.print(f"stopped by {history.stopped_by}")
+    seconds = sum(r.wall_time for r in history.updates)
+    if seconds > 0:
+        console.print(f"{len(history.updates)} updates in {seconds:.2f} s of training: "
+                      f"{len(history.updates) / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")
