@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -85,7 +86,7 @@ def ranks(rank, port, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=__import__("datetime").timedelta(seconds=TIMEOUT))
+                            timeout=timedelta(seconds=TIMEOUT))
     result = {"writes": 0}
     write = tdist._write
 
@@ -123,6 +124,16 @@ def ranks(rank, port, out):
         trainer.check_consistency()
     except tdist.DistributedError as exc:
         result["drift"] = str(exc)
+    # rank 1 stalls past a group's timeout: rank 0 stops with an error instead of waiting
+    short = dist.new_group([0, 1], timeout=timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(4)
+    started = time.perf_counter()
+    try:
+        new_trainer(4, 4, "recompute", lambda *a, **k: tdist.DistributedTrainer(*a, group=short, **k))
+        result["stall"] = ("no error", 0.0)
+    except tdist.DistributedError as exc:
+        result["stall"] = (str(exc), time.perf_counter() - started)
     torch.save(result, f"{out}/rank{rank}.pt")
     # rank 1 dies mid-training; rank 0 must stop with an error, not wait
     trainer = new_trainer(3, 8, "stored", tdist.DistributedTrainer)
@@ -209,6 +220,12 @@ def test_checkpoints_move_between_one_process_and_two_ranks(job):
 
 def test_the_consistency_check_names_what_drifted(job):
     assert "rank 1 holds a different 'head.bias'" in results(job)["drift"]
+
+
+def test_a_rank_that_stalls_past_the_timeout_stops_the_others_with_a_clear_error(job):
+    message, seconds = results(job, 0)["stall"]
+    assert "broadcasting rank 0's weights failed" in message and "within the timeout" in message
+    assert seconds < 4
 
 
 def test_a_rank_that_dies_stops_the_job_with_a_clear_error(job):

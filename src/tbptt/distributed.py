@@ -140,10 +140,10 @@ class DistributedTrainer(Trainer):
         for r, theirs in enumerate(every):
             differs = (theirs != every[0]).any(dim=1).nonzero().flatten().tolist()
             if differs:
+                more = f" (and {len(differs) - 1} more tensors)" if len(differs) > 1 else ""
                 raise DistributedError(
-                    f"rank {r} holds a different {named[differs[0]][0]!r} than rank 0 (and {len(differs) - 1} "
-                    "more tensors): ranks have drifted apart; were some updates skipped on one rank only, "
-                    "or was the model changed outside the trainer?"
+                    f"rank {r} holds a different {named[differs[0]][0]!r} than rank 0{more}: ranks have drifted "
+                    "apart; was the model changed outside the trainer on some rank?"
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -293,7 +293,8 @@ def _fingerprint(split: Any) -> tuple:
 
 
 def _to_cpu(tree: Any) -> Any:
-    return pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, tree)
+    # a copy: the open block's steps are views of the whole split, whose storage pickling would carry
+    return pytree.tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
 
 
 # ----------------------------------------------------------------------------------------------
