@@ -107,3 +107,25 @@ def test_bad_configurations_are_rejected() -> None:
 def test_cli_rejects_a_bad_output_name(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--quick", "--out", "table.txt"]) == 2
     assert ".json or .md" in capsys.readouterr().err
+
+
+def test_cli_writes_json_and_markdown(result, tmp_path, monkeypatch, capsys) -> None:
+    seen = {}
+
+    def fake_suite(config, progress=None):
+        seen["config"] = config
+        return result
+
+    monkeypatch.setattr(bench, "run_suite", fake_suite)
+    json_out, md_out = tmp_path / "r" / "table.json", tmp_path / "table.md"
+    assert main(["bench", "--full", "--repeats", "2", "--memory-n", "100,1000",
+                 "--out", str(json_out), "--out", str(md_out)]) == 0
+    assert seen["config"].hidden == bench.PRESETS["full"].hidden and seen["config"].repeats == 2
+    assert seen["config"].memory_ns == (100, 1000)
+    assert json.loads(json_out.read_text())["rows"][0]["configuration"] == result.rows[0].configuration
+    assert md_out.read_text() == capsys.readouterr().out == bench.format_markdown(result)
+
+
+def test_cli_rejects_bad_memory_lengths(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--memory-n", "1000,lots"]) == 2
+    assert "--memory-n" in capsys.readouterr().err

@@ -15,14 +15,17 @@ snapshots, temporaries, checkpointed segments).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -61,6 +64,7 @@ class BenchConfig:
     warmup: int = 1
     threads: int = 1
     device: str = "cpu"
+    clock: str = "auto"
     seed: int = 0
     lr: float = 1e-3
 
@@ -79,12 +83,24 @@ class BenchConfig:
             raise ValueError(f"memory_k2s must hold positive window lengths; got {self.memory_k2s!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
+        if self.clock not in ("auto", "wall", "cpu"):
+            raise ValueError(f"clock must be 'auto', 'wall' or 'cpu'; got {self.clock!r}")
+        if self.clock == "cpu" and self.device == "cuda":
+            raise ValueError("clock 'cpu' cannot time CUDA work (it runs asynchronously); use 'wall' or 'auto'")
+
+    @property
+    def timer(self) -> Callable[[], float]:
+        """The clock runs are timed with. ``auto``: this process's CPU time on one CPU thread (the
+        work itself, whatever else a shared machine runs), wall time otherwise (CUDA: synchronised)."""
+        if self.clock == "wall" or (self.clock == "auto" and (self.device == "cuda" or self.threads > 1)):
+            return time.perf_counter
+        return time.process_time
 
 
 PRESETS = {
-    # CI-sized: a few seconds per row on one CPU thread; memory rows on a 1e3 and a 1e4 stream
+    # CI-sized: about 20 s on one CPU thread; memory rows on streams of 500 and 5000 steps
     "quick": BenchConfig(batch=16, inputs=16, hidden=64, outputs=16, n=512, k=32, k1=16, k2=64,
-                         long_n=512, memory_ns=(1000, 10000), memory_k2s=(32, 64, 128), repeats=3),
+                         long_n=512, memory_ns=(500, 5000), memory_k2s=(32, 64, 128), repeats=3),
     # the README table
     "full": BenchConfig(),
 }
@@ -162,9 +178,11 @@ def machine_info(device: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------------------------
 # measuring
-def measure(work: Workload, jobs: dict[str, Job], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each run of each job, the jobs interleaved (order alternating) in each repeat,
-    after ``warmup`` untimed runs of each. The garbage collector is held off while a run is timed."""
+def measure(work: Workload, jobs: dict[str, Job], repeats: int, warmup: int,
+            timer: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each run of each job by ``timer``, the jobs interleaved (order alternating) in
+    each repeat, after ``warmup`` untimed runs of each. The garbage collector is held off while a
+    run is timed."""
     for _ in range(warmup):
         for job in jobs.values():
             job()[0]()
@@ -177,10 +195,10 @@ def measure(work: Workload, jobs: dict[str, Job], repeats: int, warmup: int) -> 
             gc.disable()
             try:
                 work.sync()
-                start = time.perf_counter()
+                start = timer()
                 run()
                 work.sync()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timer() - start)
             finally:
                 gc.enable()
     return times
@@ -198,11 +216,31 @@ def peak_memory(work: Workload, job: Job) -> tuple[float, int]:
         run()
         torch.cuda.synchronize()
         return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.__enter__()
+    try:
         start = time.perf_counter()
         run()
         seconds = time.perf_counter() - start
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     return seconds, _allocator_peak(prof)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    # some torch builds log every profiler start and stop from C++ straight to file descriptor 2
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _allocator_peak(prof: profile) -> int:
@@ -225,7 +263,7 @@ def _workload(config: BenchConfig, n: int) -> Workload:
 
 def _compare(config: BenchConfig, work: Workload, configuration: str, reference: str, ours: Job,
              theirs: Job, target: Optional[Target], memory: bool = False, note: str = "") -> Row:
-    times = measure(work, {"ours": ours, "reference": theirs}, config.repeats, config.warmup)
+    times = measure(work, {"ours": ours, "reference": theirs}, config.repeats, config.warmup, config.timer)
     row = Row(configuration, reference, ours_s=statistics.median(times["ours"]),
               reference_s=statistics.median(times["reference"]), target=target, note=note,
               ours_runs=times["ours"], reference_runs=times["reference"])
@@ -376,7 +414,8 @@ def format_markdown(result: BenchResult) -> str:
         f"Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {c.threads} thread(s), "
         f"device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}",
         f"Model: nn.LSTM({c.inputs}, {c.hidden}) + Linear({c.hidden}, {c.outputs}), B={c.batch}, SGD; "
-        f"median of {c.repeats} runs after {c.warmup} warm-up; ratio = ours / reference",
+        f"median of {c.repeats} runs after {c.warmup} warm-up, "
+        f"{'wall' if c.timer is time.perf_counter else 'process CPU'} time; ratio = ours / reference",
         "",
         "| configuration | reference | ours | reference | ratio | target | met | peak mem ours | peak mem ref | note |",
         "|---|---|---:|---:|---:|---|---|---:|---:|---|",

@@ -26,19 +26,23 @@ def register(subparsers) -> None:
                       help="the README table: B=32, hidden 256, n=1000 (minutes on a CPU)")
     p.set_defaults(preset="quick")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    p.add_argument("--out", metavar="FILE", help="also write the result to FILE.json or FILE.md")
+    p.add_argument("--out", metavar="FILE", action="append", default=[],
+                   help="also write the result to FILE.json (all runs) or FILE.md (the table); repeatable")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per contender (median; preset default)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the run (default 1, so runs are comparable)")
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="time runs by process CPU time (auto on one CPU thread: robust on a shared "
+                   "machine) or wall time (auto on CUDA or several threads)")
     p.add_argument("--memory-n", metavar="N1,N2", default=None,
-                   help="stream lengths of the flat-in-n memory rows (preset default: 1000,10000)")
+                   help="stream lengths of the flat-in-n memory rows (default: 500,5000 quick, 1000,10000 full)")
     p.set_defaults(func=run)
 
 
 def _config(args: argparse.Namespace):
     from ..bench import PRESETS
 
-    overrides: dict = {"device": args.device}
+    overrides: dict = {"device": args.device, "clock": args.clock}
     if args.repeats is not None:
         overrides["repeats"] = args.repeats
     if args.threads is not None:
@@ -55,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import format_markdown, run_suite
 
     err = Console(stderr=True)
-    out = Path(args.out) if args.out else None
+    outs = [Path(name) for name in args.out]
     try:
-        if out is not None and out.suffix not in (".json", ".md"):
-            raise ValueError(f"--out must end in .json or .md; got {args.out!r}")
+        for out in outs:
+            if out.suffix not in (".json", ".md"):
+                raise ValueError(f"--out must end in .json or .md; got {str(out)!r}")
         config = _config(args)
         result = run_suite(config, progress=lambda name: err.print(f"[dim]measuring {name}...[/dim]"))
     except (TypeError, ValueError) as exc:
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     table = format_markdown(result)
     sys.stdout.write(table)
-    if out is not None:
+    for out in outs:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result.as_dict(), indent=2) + "\n" if out.suffix == ".json" else table)
         err.print(f"wrote {out}")
