@@ -2,19 +2,17 @@
 
 Work is done block by block: the steps of a block ``[P, T)`` are buffered until the update at T
 closes it, then the block runs through the model in at most three calls (the old part of the window
-when recomputing, then the new steps split where a later window will begin). Because the model only
-sees segments whose boundaries the schedule fixes, how the stream is cut into ``feed`` calls changes
-nothing, bit for bit.
+when recomputing, then the new steps split where a later window will begin), plus one more at each
+step where a row resets. Because the model only sees segments whose boundaries the schedule and the
+data fix, how the stream is cut into ``feed`` calls changes nothing, bit for bit.
 
 Two strategies (``SEMANTICS.md``):
 
 - ``recompute``: the window is run again from its entering state with the current weights; the
   gradient is the exact gradient of the truncated loss. The block's new steps are computed inside
   that run, so the state carried past T is the end of the window's run.
-- ``stored``: each step runs forward once, under a snapshot of the weights of its block, and its
-  activations are kept while a later window still covers them; a window's backward chains through
-  those stored segments as they are (Williams & Peng's BPTT(h; h')). The snapshots keep an
-  optimizer step from invalidating a graph that a later window will still backpropagate through.
+- ``stored``: each step runs forward once and its activations are kept while a later window still
+  covers them (``stored.py``); a window's backward goes through them as they are.
 
 With k1 >= k2 no window reaches into an earlier block and the two strategies are the same code.
 """
@@ -28,23 +26,24 @@ from typing import Callable, Iterator, Literal, Optional, Union
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from . import state as st
+from .contract import LossFn, call_model, masked_sum, step_losses
 from .schedule import TBPTT, Update
+from .steps import StepBuffer, Steps, check_steps, reset_positions
+from .stored import Segment, describe, window_gradient
 
 Strategy = Literal["recompute", "stored"]
 STRATEGIES = ("recompute", "stored")
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ResetFn = Callable[[object, torch.Tensor], object]
 """``reset_fn(state, rows[B] bool) -> state`` with the rows' states reset and cut from the graph."""
 
 
 @dataclass
 class UpdateResult:
-    """What one update produced: its indices, its loss (a 0-d tensor) and one gradient per
-    trainable parameter (None where the loss does not depend on it)."""
+    """What one update produced: its indices, its loss (a 0-d tensor), one gradient per trainable
+    parameter (None where the loss does not depend on it) and the count of valid error steps."""
 
     update: Update
     loss: torch.Tensor
@@ -52,73 +51,9 @@ class UpdateResult:
     valid_steps: torch.Tensor
 
 
-@dataclass
-class _Chunk:
-    """Steps ``[start, start + T)`` of the streams as received (or a slice of them)."""
-
-    start: int
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    mask: Optional[torch.Tensor]
-    resets: Optional[torch.Tensor]
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.inputs.shape[1]
-
-    def slice(self, start: int, stop: int) -> "_Chunk":
-        a, b = max(start, self.start) - self.start, min(stop, self.stop) - self.start
-        return _Chunk(
-            self.start + a,
-            self.inputs[:, a:b],
-            self.targets[:, a:b],
-            None if self.mask is None else self.mask[:, a:b],
-            None if self.resets is None else self.resets[:, a:b],
-        )
-
-
-@dataclass
-class _Segment:
-    """Stored activations of steps ``[start, stop)`` for the ``stored`` strategy."""
-
-    start: int
-    stop: int
-    in_state: st.State  # leaves detached and recording gradient, so windows can chain through
-    out_state: st.State  # with graph
-    step_losses: torch.Tensor  # [B, stop - start], with graph
-    mask: Optional[torch.Tensor]
-    weights: dict[str, torch.Tensor]  # the snapshot of the block's weights this segment used
-
-
 def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
-
-
-def _check_batch(inputs: object, targets: object, mask: object, resets: object = None) -> None:
-    for name, value in (("inputs", inputs), ("targets", targets)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [B, T, ...]; got {type(value).__name__}")
-        if value.dim() < 2:
-            raise ValueError(
-                f"{name} must have at least 2 dimensions [B, T, ...]; got shape {tuple(value.shape)}"
-            )
-    assert isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)
-    if inputs.shape[:2] != targets.shape[:2]:
-        raise ValueError(
-            f"inputs and targets must agree in batch and time [B, T]; got inputs "
-            f"{tuple(inputs.shape[:2])} and targets {tuple(targets.shape[:2])}"
-        )
-    for name, flags in (("mask", mask), ("resets", resets)):
-        if flags is None:
-            continue
-        if not isinstance(flags, torch.Tensor) or tuple(flags.shape) != tuple(inputs.shape[:2]):
-            shape = tuple(flags.shape) if isinstance(flags, torch.Tensor) else type(flags).__name__
-            raise ValueError(
-                f"{name} must be a [B, T] tensor matching inputs {tuple(inputs.shape[:2])}; got {shape}"
-            )
-        if flags.dtype != torch.bool:
-            raise TypeError(f"{name} must be a bool tensor (True = {'valid step' if name == 'mask' else 'a sequence starts here'}); got {flags.dtype}")
 
 
 class StreamEngine:
@@ -170,9 +105,8 @@ class StreamEngine:
         self.position = 0  # steps received
         self.previous = 0  # P: where the open block starts
         self._states: dict[int, st.State] = {0: initial_state}
-        self._chunks: list[_Chunk] = []
-        self._reset_positions: set[int] = set()
-        self._segments: list[_Segment] = []
+        self._steps = StepBuffer()
+        self._segments: list[Segment] = []
         self._batch_size: Optional[int] = None
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
 
@@ -188,23 +122,15 @@ class StreamEngine:
         """The streams as they stand: position, carried states, the open block's buffered steps and,
         for ``stored``, the weight snapshots and entering states of the kept activations (which
         ``load_state_dict`` recomputes, bit for bit, instead of saving a graph)."""
-        snapshots: list[dict[str, torch.Tensor]] = []
-        index: dict[int, int] = {}
-        segments = []
-        for seg in self._segments:
-            if id(seg.weights) not in index:
-                index[id(seg.weights)] = len(snapshots)
-                snapshots.append({n: w.detach() for n, w in seg.weights.items()})
-            segments.append({"start": seg.start, "stop": seg.stop, "in_state": st.detach(seg.in_state),
-                             "weights": index[id(seg.weights)]})
+        snapshots, segments = describe(self._segments)
         return {
             "schedule": str(self.schedule),
             "strategy": self.strategy,
             "position": self.position,
             "previous": self.previous,
             "states": dict(self._states),
-            "chunks": [(c.start, c.inputs, c.targets, c.mask, c.resets) for c in self._chunks],
-            "reset_positions": sorted(self._reset_positions),
+            "chunks": self._steps.state_dict(),
+            "reset_positions": sorted(self._steps.resets_at),
             "batch_size": self._batch_size,
             "state_shapes": self._state_shapes,
             "forward_steps": self.forward_steps,
@@ -225,8 +151,7 @@ class StreamEngine:
         self.position = saved["position"]
         self.previous = saved["previous"]
         self._states = dict(saved["states"])
-        self._chunks = [_Chunk(*c) for c in saved["chunks"]]
-        self._reset_positions = set(saved["reset_positions"])
+        self._steps.load_state_dict(saved["chunks"])  # reset positions are found again from the flags
         self._batch_size = saved["batch_size"]
         self._state_shapes = None if saved["state_shapes"] is None else [tuple(s) for s in saved["state_shapes"]]
         self.forward_steps = saved["forward_steps"]
@@ -236,7 +161,7 @@ class StreamEngine:
             for seg in saved["segments"]:
                 self._segments.append(self._run_segment(seg["start"], seg["stop"], seg["in_state"],
                                                         snapshots[seg["weights"]]))
-        self.forward_steps = saved["forward_steps"]
+        self.forward_steps = saved["forward_steps"]  # rebuilding is not new work
 
     # ------------------------------------------------------------------------------------------
     def feed(
@@ -256,7 +181,7 @@ class StreamEngine:
         With ``end_of_stream`` the open block is cut short at the end of this data, its update (if
         any errors are left to inject) is yielded, and the streams are reset.
         """
-        _check_batch(inputs, targets, mask, resets)
+        check_steps(inputs, targets, mask, resets)
         batch = inputs.shape[0]
         if self._batch_size is not None and batch != self._batch_size:
             raise ValueError(
@@ -264,13 +189,8 @@ class StreamEngine:
                 "the streams carry one state per row, so call reset_state() before changing B"
             )
         self._batch_size = batch
-        if inputs.shape[1] > 0:
-            if resets is not None:
-                # one host sync per call, so that the model calls can be split where rows reset
-                at = torch.nonzero(resets.any(dim=0)).flatten().tolist()
-                self._reset_positions.update(self.position + t for t in at)
-            self._chunks.append(_Chunk(self.position, inputs, targets, mask, resets))
-            self.position += inputs.shape[1]
+        self._steps.append(Steps(self.position, inputs, targets, mask, resets))
+        self.position += inputs.shape[1]
         while True:
             end = self.schedule.block_end(self.previous)
             if end is None or end > self.position:
@@ -288,24 +208,17 @@ class StreamEngine:
         training would, but apart from the training streams (evaluation, prediction). Call it under
         ``torch.no_grad()`` to keep no graph."""
         if resets is not None:
-            _check_batch(inputs, inputs, None, resets)
-        positions = [] if resets is None else torch.nonzero(resets.any(dim=0)).flatten().tolist()
-        bounds = [0, *[p for p in positions if p > 0], inputs.shape[1]]
+            check_steps(inputs, inputs, None, resets)
+        starts = reset_positions(resets)
+        bounds = [0, *[p for p in starts if p > 0], inputs.shape[1]]
         outputs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            if resets is not None and state is not None and resets[:, a].any():
+            if a in starts and state is not None:
+                assert resets is not None
                 state = self.reset_fn(state, resets[:, a])
-            out, state = self._call_unchecked_shape(inputs[:, a:b], state)
+            out, state = call_model(self.model, inputs[:, a:b], state)
             outputs.append(out)
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
-
-    def _call_unchecked_shape(self, inputs: torch.Tensor, state: st.State) -> tuple[torch.Tensor, st.State]:
-        # apart from the training streams: their state shape and step counts are left alone
-        shapes, self._state_shapes, steps = self._state_shapes, None, self.forward_steps
-        try:
-            return self._call(inputs, state)
-        finally:
-            self._state_shapes, self.forward_steps = shapes, steps
 
     def finish(self) -> Iterator[UpdateResult]:
         """End the streams: cut the open block short at the last step received, yield its update
@@ -317,62 +230,27 @@ class StreamEngine:
         self.reset()
 
     # ------------------------------------------------------------------------------------------
-    def _slice(self, start: int, stop: int) -> _Chunk:
-        parts = [c.slice(start, stop) for c in self._chunks if c.start < stop and c.stop > start]
-        if len(parts) == 1:
-            return parts[0]
-
-        def cat(field: str, fill: bool) -> Optional[torch.Tensor]:
-            values = [getattr(c, field) for c in parts]
-            if all(v is None for v in values):
-                return None
-            return torch.cat([v if v is not None else torch.full(c.inputs.shape[:2], fill, dtype=torch.bool,
-                                                                   device=c.inputs.device)
-                              for v, c in zip(values, parts)], dim=1)
-
-        return _Chunk(start, torch.cat([c.inputs for c in parts], dim=1),
-                      torch.cat([c.targets for c in parts], dim=1), cat("mask", True), cat("resets", False))
-
     def _cuts(self, start: int, stop: int, *positions: Optional[int]) -> list[int]:
         """Model-call boundaries in [start, stop): the given positions and every reset."""
         inner = {p for p in positions if p is not None and start < p < stop}
-        inner |= {p for p in self._reset_positions if start < p < stop}
+        inner.update(self._steps.resets_between(start, stop))
         return [start, *sorted(inner), stop]
 
     def _enter(self, position: int, state: st.State) -> st.State:
         """The state entering step ``position``: reset in the rows where a sequence starts there."""
-        if position not in self._reset_positions or state is None:
-            return state
-        rows = self._slice(position, position + 1).resets[:, 0]
-        return self.reset_fn(state, rows)
+        rows = self._steps.rows_reset_at(position)
+        return state if rows is None or state is None else self.reset_fn(state, rows)
 
     def _forget_before(self, position: int) -> None:
         """Drop inputs, states and stored segments that no later window can reach."""
-        self._chunks = [c.slice(position, c.stop) if c.start < position else c
-                        for c in self._chunks if c.stop > position]
+        self._steps.forget_before(position)
         self._states = {k: v for k, v in self._states.items() if k >= position or k == self.previous}
         self._segments = [s for s in self._segments if s.stop > position]
-        self._reset_positions = {p for p in self._reset_positions if p >= position}
 
     def _call(
         self, inputs: torch.Tensor, state: st.State, weights: Optional[dict[str, torch.Tensor]] = None
     ) -> tuple[torch.Tensor, st.State]:
-        if weights is None:
-            result = self.model(inputs, state)
-        else:
-            result = functional_call(self.model, weights, (inputs, state))
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise TypeError(
-                "model(inputs, state) must return (outputs[B, T, ...], new_state); got "
-                f"{type(result).__name__}{'' if not isinstance(result, tuple) else f' of length {len(result)}'}"
-            )
-        outputs, new_state = result
-        if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or tuple(outputs.shape[:2]) != tuple(inputs.shape[:2]):
-            got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-            raise ValueError(
-                f"model outputs must be [B, T, ...] with the inputs' batch and time "
-                f"{tuple(inputs.shape[:2])}; got {got}. A model must return one output per input step"
-            )
+        outputs, new_state = call_model(self.model, inputs, state, weights)
         shapes = st.shapes(new_state)
         if self._state_shapes is None:
             self._state_shapes = shapes
@@ -383,31 +261,6 @@ class StreamEngine:
             )
         self.forward_steps += inputs.shape[1]
         return outputs, new_state
-
-    def _step_losses(
-        self, outputs: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        if mask is not None:
-            # masked steps reach the loss cut from the graph: whatever the padding holds (even a
-            # NaN target), the derivative of a masked step is never multiplied into the weights
-            shaped = mask.reshape(mask.shape + (1,) * (outputs.dim() - 2))
-            outputs = torch.where(shaped, outputs, outputs.detach())
-        losses = self.loss_fn(outputs, targets)
-        expected = tuple(targets.shape[:2])
-        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != expected:
-            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(
-                f"loss_fn(outputs, targets) must return per-step losses [B, T] = {expected}; got "
-                f"{got}. Use reduction='none' and average over any feature dimensions"
-            )
-        return losses
-
-    @staticmethod
-    def _masked_sum(losses: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if mask is None:
-            return losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)
-        # where(), not a product: a masked step's loss may be non-finite (padding) and must not leak
-        return torch.where(mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum(), mask.sum()
 
     # ------------------------------------------------------------------------------------------
     def _close_block(self, clipped: int) -> Optional[UpdateResult]:
@@ -444,7 +297,7 @@ class StreamEngine:
         state = self._states[first]
         window_outputs: list[torch.Tensor] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
-            x = self._slice(a, b).inputs
+            x = self._steps.slice(a, b).inputs
             state = self._enter(a, state)
             if b <= start:
                 # steps of a k1 > k2 block before its window only advance the state
@@ -459,9 +312,9 @@ class StreamEngine:
             if b > previous:
                 self._states[b] = st.detach(state)
         outputs = window_outputs[0] if len(window_outputs) == 1 else torch.cat(window_outputs, dim=1)
-        errors = self._slice(update.loss_start, stop)
-        losses = self._step_losses(outputs[:, update.loss_start - start :], errors.targets, errors.mask)
-        total, count = self._masked_sum(losses, errors.mask)
+        errors = self._steps.slice(update.loss_start, stop)
+        losses = step_losses(self.loss_fn, outputs[:, update.loss_start - start :], errors.targets, errors.mask)
+        total, count = masked_sum(losses, errors.mask)
         loss = total / count.clamp_min(1)
         named = self.named_parameters()
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
@@ -486,14 +339,14 @@ class StreamEngine:
         result = checkpoint(run, inputs, *[leaves[i] for i in where], use_reentrant=False)
         return result[0], pytree.tree_unflatten(list(result[1:]), out_spec[0])
 
-    def _run_segment(self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor]) -> _Segment:
+    def _run_segment(self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor]) -> Segment:
         """Run steps [a, b) once under a weight snapshot, keeping the graph for later windows."""
-        piece = self._slice(a, b)
+        piece = self._steps.slice(a, b)
         in_state = st.detach_requiring_grad(prior)
         call_weights = {**weights, **dict(self.model.named_buffers())}
         out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
-        losses = self._step_losses(out, piece.targets, piece.mask)
-        return _Segment(a, b, in_state, out_state, losses, piece.mask, weights)
+        losses = step_losses(self.loss_fn, out, piece.targets, piece.mask)
+        return Segment(a, b, in_state, out_state, losses, piece.mask, weights)
 
     def _stored_block(self, update: Update) -> UpdateResult:
         previous, stop = self.previous, update.stop
@@ -507,47 +360,10 @@ class StreamEngine:
             self._states[b] = st.detach(segment.out_state)
             prior = segment.out_state
 
-        # backward through the window, newest segment first, chaining state gradients by hand
         window = [s for s in self._segments if s.start >= update.start]
         if not window or window[0].start != update.start:
             raise RuntimeError(f"internal: no stored segment starts at window start {update.start}")
-        parts = []
-        for seg in window:
-            a = max(update.loss_start, seg.start) - seg.start
-            if seg.start + a < seg.stop:
-                m = None if seg.mask is None else seg.mask[:, a:]
-                parts.append(self._masked_sum(seg.step_losses[:, a:], m))
-            else:
-                parts.append(None)
-        count = sum(p[1] for p in parts if p is not None)
-        denominator = count.clamp_min(1)
-        loss = sum(p[0] for p in parts if p is not None) / denominator
-
-        grads: dict[str, Optional[torch.Tensor]] = {n: None for n, _ in named}
-        state_grads: Optional[list[torch.Tensor]] = None
-        for seg, part in zip(reversed(window), reversed(parts)):
-            outs: list[torch.Tensor] = []
-            outs_grad: list[Optional[torch.Tensor]] = []
-            if part is not None:
-                outs.append(part[0] / denominator)
-                outs_grad.append(None)
-            if state_grads is not None:
-                for leaf, g in zip(st.tensors(seg.out_state), state_grads):
-                    if leaf.requires_grad and g is not None:
-                        outs.append(leaf)
-                        outs_grad.append(g)
-            if not outs:
-                state_grads = None
-                continue
-            first = seg is window[0]
-            in_leaves = [] if first else st.tensors(seg.in_state)
-            targets = list(seg.weights.values()) + [t for t in in_leaves if t.requires_grad]
-            got = torch.autograd.grad(outs, targets, outs_grad, retain_graph=True, allow_unused=True)
-            for (n, _), g in zip(seg.weights.items(), got[: len(seg.weights)]):
-                if g is not None:
-                    grads[n] = g if grads[n] is None else grads[n] + g
-            rest = iter(got[len(seg.weights):])
-            state_grads = [next(rest) if t.requires_grad else None for t in in_leaves]
+        loss, count, grads = window_gradient(window, update.loss_start, [n for n, _ in named])
         return UpdateResult(update, loss.detach(), grads, count)
 
 

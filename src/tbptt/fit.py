@@ -24,6 +24,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import state as st
+from .contract import masked_sum, step_losses
 
 if TYPE_CHECKING:
     from .trainer import Trainer, UpdateRecord
@@ -126,7 +127,6 @@ def evaluate(
     """Loss (mean over valid steps) and metric of the model on a split, state carried from a fresh
     start across the split, no gradient, in eval mode; the training streams are untouched."""
     split = as_split(data, "data")
-    engine = trainer.engine
     was_training = trainer.model.training
     trainer.model.eval()
     outputs = []
@@ -135,10 +135,9 @@ def evaluate(
     try:
         with torch.no_grad():
             for a, b in _pieces(split, segment_length):
-                out, state = engine.forward(split.inputs[:, a:b], state, _cut(split.resets, a, b))
+                out, state = trainer.engine.forward(split.inputs[:, a:b], state, _cut(split.resets, a, b))
                 mask = _cut(split.mask, a, b)
-                losses = engine._step_losses(out, split.targets[:, a:b], mask)
-                s, c = engine._masked_sum(losses, mask)
+                s, c = masked_sum(step_losses(trainer.engine.loss_fn, out, split.targets[:, a:b], mask), mask)
                 total += float(s)
                 count += float(c)
                 outputs.append(out)

@@ -1,0 +1,90 @@
+"""Stored activations for the ``stored`` strategy (Williams & Peng's BPTT(h; h')).
+
+Each step runs forward once, in a segment that starts from a detached copy of the previous
+segment's state (so a segment can be dropped as soon as no window reaches it) and uses a snapshot
+of the weights of its block (so an optimizer step cannot invalidate a graph that later windows
+still backpropagate through). A window's backward goes segment by segment, newest first, handing
+the gradient of each segment's entering state to the segment before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import state as st
+from .contract import masked_sum
+
+
+@dataclass
+class Segment:
+    """Steps ``[start, stop)`` as first computed."""
+
+    start: int
+    stop: int
+    in_state: st.State  # leaves detached and recording gradient, so windows can chain through
+    out_state: st.State  # with graph
+    step_losses: torch.Tensor  # [B, stop - start], with graph
+    mask: Optional[torch.Tensor]
+    weights: dict[str, torch.Tensor]  # the snapshot of the block's weights this segment used
+
+
+def window_gradient(
+    window: list[Segment], loss_start: int, names: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Optional[torch.Tensor]]]:
+    """Loss (mean over the valid error steps from ``loss_start``), its step count and the gradient
+    for each weight name, summed over the snapshots, through the window's stored segments."""
+    parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = []
+    for seg in window:
+        a = max(loss_start, seg.start) - seg.start
+        if seg.start + a < seg.stop:
+            parts.append(masked_sum(seg.step_losses[:, a:], None if seg.mask is None else seg.mask[:, a:]))
+        else:
+            parts.append(None)
+    count = sum(p[1] for p in parts if p is not None)
+    denominator = count.clamp_min(1)
+    loss = sum(p[0] for p in parts if p is not None) / denominator
+
+    grads: dict[str, Optional[torch.Tensor]] = {n: None for n in names}
+    state_grads: Optional[list[Optional[torch.Tensor]]] = None
+    for seg, part in zip(reversed(window), reversed(parts)):
+        outs: list[torch.Tensor] = []
+        outs_grad: list[Optional[torch.Tensor]] = []
+        if part is not None:
+            outs.append(part[0] / denominator)
+            outs_grad.append(None)
+        if state_grads is not None:
+            for leaf, g in zip(st.tensors(seg.out_state), state_grads):
+                if leaf.requires_grad and g is not None:
+                    outs.append(leaf)
+                    outs_grad.append(g)
+        if not outs:
+            state_grads = None
+            continue
+        # the window's first segment starts from its entering state, a constant
+        in_leaves = [] if seg is window[0] else st.tensors(seg.in_state)
+        wanted = list(seg.weights.values()) + [t for t in in_leaves if t.requires_grad]
+        got = torch.autograd.grad(outs, wanted, outs_grad, retain_graph=True, allow_unused=True)
+        for name, g in zip(seg.weights, got[: len(seg.weights)]):
+            if g is not None:
+                grads[name] = g if grads[name] is None else grads[name] + g
+        rest = iter(got[len(seg.weights):])
+        state_grads = [next(rest) if t.requires_grad else None for t in in_leaves]
+    return loss, count, grads
+
+
+def describe(segments: list[Segment]) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """What rebuilds the segments: the distinct weight snapshots, and per segment its steps,
+    its entering state and which snapshot it used. A graph is not saved; it is recomputed."""
+    snapshots: list[dict[str, torch.Tensor]] = []
+    index: dict[int, int] = {}
+    entries = []
+    for seg in segments:
+        if id(seg.weights) not in index:
+            index[id(seg.weights)] = len(snapshots)
+            snapshots.append({n: w.detach() for n, w in seg.weights.items()})
+        entries.append({"start": seg.start, "stop": seg.stop, "in_state": st.detach(seg.in_state),
+                        "weights": index[id(seg.weights)]})
+    return snapshots, entries
