@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+
 import numpy as np
+import pytest
+import torch
 from hypothesis import given, settings, strategies as hs
 
 from tbptt import TBPTT
-from tbptt.experiments import timeline
+from tbptt.diagnostics import grad_norm_summary
+from tbptt.experiments import plots, report, runs as runs_module, summary, timeline
 from _models import oracle_updates
 
 GLYPH_KIND = {"·": timeline.OUTSIDE, "─": timeline.ADVANCE, "░": timeline.WINDOW, "█": timeline.ERROR}
@@ -76,3 +83,93 @@ def test_long_schedules_elide_rows_and_png_is_written(tmp_path):
     path = tmp_path / "s.png"
     timeline.plot_schedule(TBPTT(2, 5), 10, path=path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep summaries and reports, on runs written by hand
+
+
+def fake_run(config, seed, finals, status="ok", norms=(1.0, 2.0, 3.0), wall=2.0):
+    """A run whose validation metric per epoch is ``finals``, an epoch per second."""
+    epochs = [{"epoch": i + 1, "valid_metric": m, "elapsed": float(i + 1)} for i, m in enumerate(finals)]
+    finite = [m for m in finals if math.isfinite(m)]
+    return {
+        "config": config, "strategy": "recompute", "seed": seed, "index": seed, "status": status,
+        "epochs": epochs, "final_metric": finals[-1], "best_metric": max(finite) if finite else math.nan,
+        "grad_norms": list(norms), "update_index": list(range(1, len(norms) + 1)),
+        **grad_norm_summary(norms),
+        "roughness": 0.1, "wall_time": wall, "steps_per_s": 100.0, "updates": len(norms),
+        "forward_steps": 10, "backward_steps": 20, "peak_graph_mb": 0.5,
+    }
+
+
+RUNS = [
+    fake_run("TBPTT(5,5)", 0, [0.2, 0.3]),
+    fake_run("TBPTT(5,5)", 1, [0.2, 0.5]),
+    fake_run("TBPTT(2,8)", 0, [0.6, 0.9], norms=(1.0, 1.0, 50.0)),
+    fake_run("TBPTT(2,8)", 1, [0.1, float("nan")], status="diverged"),
+    {"config": "TBPTT(2,8)", "strategy": "recompute", "seed": 2, "index": 4, "status": "failed", "error": "boom"},
+]
+
+
+def test_summary_rows_by_hand():
+    rows, target = summary.summarize(RUNS, baseline=0.1, higher_is_better=True)
+    assert target == pytest.approx(0.1 + 0.9 * (0.9 - 0.1))  # 90% of the way to the best run's best
+    five, two = rows
+    assert (five["runs"], five["failed"], five["diverged"]) == (2, 0, 0)
+    assert five["final_metric"] == pytest.approx(0.4)
+    assert five["final_metric_std"] == pytest.approx(math.sqrt(0.02))  # sample sd of 0.3 and 0.5
+    assert five["best_metric"] == pytest.approx(0.4)
+    assert five["beats_baseline"] == 2 and five["reached_target"] == 0
+    assert (two["runs"], two["failed"], two["diverged"]) == (3, 1, 1)
+    assert two["final_metric"] == pytest.approx(0.9)  # the diverged run's NaN is left out
+    assert two["grad_norm_max"] == 50.0 and two["grad_spikes"] == pytest.approx(0.5)
+    assert two["time_to_target"] == pytest.approx(2.0) and two["reached_target"] == 1
+    lower, _ = summary.summarize(RUNS[:2], baseline=0.1, higher_is_better=False, target=0.25)
+    assert lower[0]["time_to_target"] == pytest.approx(1.0)  # lower is better: 0.2 <= 0.25 at epoch 1
+
+
+def test_report_files_exist_and_parse(tmp_path):
+    meta = {"task": "echo", "metric_name": "accuracy", "higher_is_better": True, "baseline": 0.1,
+            "baseline_name": "chance", "settings": {"epochs": 2}}
+    rows, target = summary.summarize(RUNS, 0.1, True)
+    meta["target"] = target
+    report.write_results(tmp_path, meta, rows, RUNS)
+    images = plots.write_plots(tmp_path, RUNS, rows, meta)
+    page = report.write_html(tmp_path, meta, rows, images)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["config"] for r in data["summary"]] == ["TBPTT(5,5)", "TBPTT(2,8)"]
+    assert len(data["runs"]) == 5 and data["meta"]["target"] == pytest.approx(target)
+    assert data["runs"][3]["final_metric"] is None  # NaN is written as null, valid JSON
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["config"] for r in table] == ["TBPTT(5,5)", "TBPTT(2,8)"] and table[1]["diverged"] == "1"
+    with open(tmp_path / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    for _, path in images:
+        assert path.read_bytes()[:4] == b"\x89PNG"
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3 and "TBPTT(2,8)" in text and "1/2" in text
+
+
+def test_configuration_strings():
+    c = runs_module.Configuration.parse("20,20@lr=1e3,strategy=stored")
+    assert (c.schedule.k1, c.schedule.k2, c.lr, c.strategy) == (20, 20, 1000.0, "stored")
+    assert str(c) == "TBPTT(20,20) lr=1000 strategy=stored"
+    assert str(runs_module.Configuration.parse("n,n")) == "TBPTT(n,n)"
+    with pytest.raises(ValueError, match="momentum"):
+        runs_module.Configuration.parse("5,5@momentum=0.9")
+    with pytest.raises(ValueError, match="lr"):
+        runs_module.Configuration.parse("5,5@lr=-1")
+
+
+def test_graph_memory_counts_each_saved_storage_once_until_freed():
+    meter = runs_module.GraphMemory()
+    a = torch.randn(1000, requires_grad=True)
+    with meter.hooks():
+        b = a.exp()  # saves its output b: 4000 bytes
+        c = (b * b).sum()  # saves b twice: the same storage, counted once
+    assert meter.peak == 4000 and meter.current == 4000
+    c.backward()  # frees the graph
+    del b, c
+    assert meter.current == 0 and meter.peak == 4000

@@ -116,6 +116,7 @@ def gradient_vs_lag(
     max_lag: int = 50,
     positions: int = 64,
     mask: Optional[torch.Tensor] = None,
+    resets: Optional[torch.Tensor] = None,
 ) -> LagProfile:
     """Measure ||d l_t / d s_{t-tau}|| for tau = 1..``max_lag``, averaged over steps t and rows.
 
@@ -124,7 +125,9 @@ def gradient_vs_lag(
     taken together (h and c for nn.LSTM). l_t is ``loss_fn(outputs, targets)`` at step t. The
     average runs over up to ``positions`` steps t evenly spread over ``[max_lag, T)`` (the same
     steps for every lag, so the curve's shape is the decay itself) and over the rows, each row taken
-    as its own stream (rows must not interact); ``mask[B, T]`` leaves out invalid (row, t) pairs.
+    as its own stream (rows must not interact); ``mask[B, T]`` leaves out invalid (row, t) pairs and
+    ``resets[B, T]`` zeroes a row's state before the steps where a new sequence starts (no gradient
+    crosses it, so lags reaching past it count as zero).
     The model runs in eval mode and its weights are not changed.
     """
     if not isinstance(model, nn.Module):
@@ -157,6 +160,8 @@ def gradient_vs_lag(
             states, outputs = [], []
             s = state
             for t in range(ts[-1] + 1):
+                if resets is not None and s is not None and bool(resets[:, t].any()):
+                    s = st.reset_rows(s, resets[:, t].bool())
                 out, s = model(inputs[:, t : t + 1], s)
                 outputs.append(out)
                 states.append(s)

@@ -1,0 +1,103 @@
+"""``tbptt compare``: train a task under several TBPTT configurations and seeds, and report skill,
+stability and speed per configuration."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
+    """Options shared by the commands that train (compare, probe)."""
+    p.add_argument("--task", required=True, help="echo, adding, copy, co2, sunspots or text")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. delay=8 or steps=200 (repeatable)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run (default {epochs})")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
+    p.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="recurrent cell (default lstm)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default 1)")
+
+
+def task_options(name: str, items: list[str]) -> dict[str, Any]:
+    """``["delay=8", ...]`` as task options, each converted to the type of its default."""
+    from ..data import task_options as accepted
+
+    defaults = accepted(name)
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+            raise ValueError(f"bad --task-option {item!r}: task {name!r} takes KEY=VALUE with KEY one of: {listed}")
+        default = defaults[key]
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"bad --task-option {item!r}: {key} must be a {kind.__name__}") from None
+    return options
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare TBPTT configurations on a task (skill, stability, speed)",
+        description="Train a task under each --config with several seeds, in parallel processes, and "
+        "report skill, stability and speed per configuration: tables here, and a report folder "
+        "(results.csv/json, PNG plots, report.html). Ctrl-C keeps the runs that finished.",
+    )
+    add_run_options(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    p.add_argument("--config", action="append", required=True, metavar="K1,K2[@KEY=VALUE,...]",
+                   help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 (keys lr, clip, strategy); repeatable")
+    p.add_argument("--strategy", choices=("recompute", "stored"), default="recompute",
+                   help="how windows that overlap earlier updates are run (default recompute)")
+    p.add_argument("--segment-length", type=int, default=None, help="steps per train_on call (default: whole split)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop each run after this many seconds")
+    p.add_argument("--target", type=float, default=None,
+                   help="validation metric for time-to-target (default: baseline + 90%% of the best improvement)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--out", default=None, help="report folder (default tbptt-report/TASK)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def print_comparison(console: Console, comparison) -> None:
+    from ..experiments.sweep import summary_line
+
+    for table in comparison.tables():
+        console.print(table)
+    failed = [r for r in comparison.runs if r["status"] == "failed"]
+    for r in failed:
+        console.print(f"[red]run failed[/red] {r['config']} seed {r['seed']}: {r['error']}")
+    console.print(summary_line(comparison))
+    if comparison.interrupted:
+        console.print(f"[yellow]interrupted: {len(comparison.runs)} runs finished and were kept[/yellow]")
+    if comparison.report is not None:
+        console.print(f"report: {comparison.report}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.sweep import compare
+
+    console = Console()
+    try:
+        options = task_options(args.task, args.task_option)
+        comparison = compare(
+            args.task, args.config, args.seeds, epochs=args.epochs, strategy=args.strategy,
+            hidden=args.hidden, cell=args.cell, lr=args.lr, clip=args.clip or None,
+            segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
+            target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
+            progress=not args.no_progress, console=console,
+        )
+    except (TypeError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 2
+    print_comparison(console, comparison)
+    if comparison.interrupted:
+        return 130
+    return 1 if comparison.runs and all(r["status"] == "failed" for r in comparison.runs) else 0

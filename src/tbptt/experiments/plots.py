@@ -1,0 +1,152 @@
+"""PNG plots of a sweep: validation curves with a band over seeds, gradient norms over updates, and
+skill against time. Figures are built without pyplot, so nothing depends on a display."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .summary import Row, Run, group_runs, label
+
+_SIZE = (7.0, 4.2)
+_DPI = 90
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=_SIZE, dpi=_DPI)
+    return fig, fig.add_subplot()
+
+
+def _colours(count: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(count)]
+
+
+def _nan(values) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def _stack(curves: list[np.ndarray]) -> np.ndarray:
+    """Curves of different lengths side by side, padded with NaN."""
+    length = max(len(c) for c in curves)
+    out = np.full((len(curves), length), np.nan)
+    for i, c in enumerate(curves):
+        out[i, : len(c)] = c
+    return out
+
+
+def _finish(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _reduce(array: np.ndarray, fn=np.nanmean) -> np.ndarray:
+    """``fn`` over seeds (axis 0), silent where every seed is NaN (the result is NaN there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(array, axis=0)
+
+
+def plot_curves(runs: Sequence[Run], meta: dict, path: Path) -> Path:
+    """Validation metric per epoch: the mean over seeds, and a band from the lowest to the highest."""
+    fig, ax = _figure()
+    groups = group_runs([r for r in runs if r.get("epochs")])
+    strategies = len({s for _, s in groups})
+    for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
+        curves = _stack([_nan(e.get("valid_metric") for e in r["epochs"]) for r in group])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        name = label({"config": config, "strategy": strategy}, strategies)
+        ax.plot(epochs, _reduce(curves), color=colour, label=name, marker="." if len(epochs) < 30 else None)
+        if curves.shape[0] > 1:
+            ax.fill_between(epochs, _reduce(curves, np.nanmin), _reduce(curves, np.nanmax),
+                            color=colour, alpha=0.2, linewidth=0)
+    baseline = meta.get("baseline")
+    if baseline is not None and math.isfinite(baseline):
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"baseline ({meta.get('baseline_name', 'trivial')})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {meta.get('metric_name', 'metric')}")
+    ax.set_title(f"{meta.get('task', '')}: validation {meta.get('metric_name', '')} (band: min-max over seeds)", fontsize=10)
+    return _finish(fig, ax, path)
+
+
+def plot_grad_norms(runs: Sequence[Run], meta: dict, path: Path) -> Path:
+    """Gradient norm (before clipping) of every update; the median over seeds, log scale. Updates
+    without a gradient (no valid step) and non-finite norms leave gaps."""
+    fig, ax = _figure()
+    groups = group_runs([r for r in runs if r.get("grad_norms")])
+    strategies = len({s for _, s in groups})
+    for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
+        norms = _stack([_nan(r["grad_norms"]) for r in group])
+        norms[~np.isfinite(norms)] = np.nan
+        # long runs keep a thinned record; update_index says which update each point is
+        index = np.asarray(group[0].get("update_index") or np.arange(1, norms.shape[1] + 1))[: norms.shape[1]]
+        median = _reduce(norms, np.nanmedian)
+        ax.plot(index, median, color=colour, linewidth=0.8, label=label({"config": config, "strategy": strategy}, strategies))
+    ax.set_yscale("log")
+    ax.set_xlabel("update")
+    ax.set_ylabel("gradient norm")
+    ax.set_title(f"{meta.get('task', '')}: gradient norm per update (median over seeds)", fontsize=10)
+    return _finish(fig, ax, path)
+
+
+def plot_skill_time(rows: Sequence[Row], meta: dict, path: Path) -> Path:
+    """Final validation metric (mean, bar: sd over seeds) against training wall time."""
+    fig, ax = _figure()
+    strategies = len({r["strategy"] for r in rows})
+    for colour, row in zip(_colours(len(rows)), rows):
+        x, y, err = row["wall_time"], row["final_metric"], row["final_metric_std"]
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        ax.errorbar([x], [y], yerr=[err if math.isfinite(err) else 0.0], fmt="o", color=colour,
+                    label=label(row, strategies), capsize=3)
+        ax.annotate(label(row, strategies), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    baseline = meta.get("baseline")
+    if baseline is not None and math.isfinite(baseline):
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline")
+    ax.set_xlabel("wall time per run (s)")
+    ax.set_ylabel(f"final validation {meta.get('metric_name', 'metric')}")
+    ax.set_title(f"{meta.get('task', '')}: skill against time", fontsize=10)
+    return _finish(fig, ax, path)
+
+
+def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Path]]:
+    """All three PNGs in ``out``; (caption, path) pairs for the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        ("validation curves per configuration, band over seeds", plot_curves(runs, meta, out / "curves.png")),
+        ("gradient norm over updates", plot_grad_norms(runs, meta, out / "grad_norms.png")),
+        ("skill against time", plot_skill_time(rows, meta, out / "skill_time.png")),
+    ]
+
+
+def plot_lag_profiles(profiles: dict, path: Path, fraction: float = 0.01, dependency=None, title: str = "") -> Path:
+    """Gradient norm against lag for each named ``LagProfile`` (log scale), with each one's
+    recommended k2 and, when known, the task's dependency length."""
+    fig, ax = _figure()
+    for colour, (name, profile) in zip(_colours(len(profiles)), profiles.items()):
+        norms = np.asarray(profile.norms, dtype=float)
+        norms[norms <= 0] = np.nan
+        k2 = profile.recommend_k2(fraction)
+        flag = " EXPLODING" if profile.exploding else ""
+        ax.plot(profile.lags, norms, color=colour, marker=".",
+                label=f"{name}: ratio/lag {profile.growth:.3g}, k2 {k2 if k2 is not None else '?'}{flag}")
+        if k2 is not None:
+            ax.axvline(k2, color=colour, linestyle=":", linewidth=1)
+    if dependency is not None:
+        ax.axvline(dependency, color="black", linestyle="--", linewidth=1, label=f"task dependency ({dependency} steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("lag tau (steps)")
+    ax.set_ylabel("mean ||d l_t / d s_{t-tau}||")
+    ax.set_title(title or f"gradient against lag (dotted: recommended k2, {fraction:g} of the mass beyond)", fontsize=10)
+    return _finish(fig, ax, path)

@@ -1,0 +1,301 @@
+"""One run of a sweep: a task, a configuration and a seed, trained with ``Trainer.fit``.
+
+``run_one(spec)`` never raises for a run that goes wrong: a non-finite loss makes the run
+"diverged", an exception makes it "failed" with the error, and the sweep carries on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..diagnostics import grad_norm_summary, roughness
+from ..engine import STRATEGIES
+from ..schedule import TBPTT
+
+KEEP_UPDATES = 2000
+"""Per-update records kept in a run's result (evenly thinned beyond this)."""
+
+_OVERRIDES = {"lr": float, "clip": float, "strategy": str}
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """A schedule with optional per-configuration overrides, written ``"K1,K2[@key=value,...]"``
+    (keys: lr, clip, strategy), e.g. ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``,
+    ``"5,20@strategy=stored"``."""
+
+    schedule: TBPTT
+    lr: Optional[float] = None
+    clip: Optional[float] = None
+    strategy: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
+        for name in ("lr", "clip"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number; got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Configuration":
+        """Read ``"K1,K2[@key=value,...]"``."""
+        if not isinstance(text, str):
+            raise TypeError(f"a configuration must be a string like '10,40' or '20,20@lr=1e3'; got {text!r}")
+        body, _, extra = text.partition("@")
+        schedule = TBPTT.parse(body)
+        options: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in extra.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in _OVERRIDES:
+                raise ValueError(
+                    f"bad override {item!r} in configuration {text!r}: expected key=value with key one of "
+                    f"{sorted(_OVERRIDES)}, e.g. '20,20@lr=1e3'"
+                )
+            try:
+                options[key] = _OVERRIDES[key](value)
+            except ValueError:
+                raise ValueError(f"bad value for {key} in configuration {text!r}: {value!r}") from None
+        return cls(schedule, **options)
+
+    def __str__(self) -> str:
+        extras = [f"{k}={getattr(self, k):g}" if k != "strategy" else f"{k}={self.strategy}"
+                  for k in _OVERRIDES if getattr(self, k) is not None]
+        return " ".join([str(self.schedule)] + extras)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs; picklable, so it can cross to a worker process.
+
+    ``seed`` seeds the model's initialisation (and any randomness in training); the task's data
+    are the same for every seed (``task_options`` fixes them).
+    """
+
+    task: str
+    config: str
+    seed: int = 0
+    strategy: str = "recompute"
+    epochs: int = 10
+    hidden: int = 32
+    cell: str = "lstm"
+    lr: float = 1e-2
+    clip: Optional[float] = 1.0
+    segment_length: Optional[int] = None
+    max_seconds: Optional[float] = None
+    task_options: tuple[tuple[str, Any], ...] = field(default=())
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        configuration = Configuration.parse(self.config)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int; got {self.epochs!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int; got {self.seed!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        del configuration
+
+    @property
+    def configuration(self) -> Configuration:
+        return Configuration.parse(self.config)
+
+    def settings(self) -> dict[str, Any]:
+        """The effective settings: the configuration's overrides over the sweep's defaults."""
+        c = self.configuration
+        return {
+            "schedule": c.schedule,
+            "lr": c.lr if c.lr is not None else self.lr,
+            "clip": c.clip if c.clip is not None else self.clip,
+            "strategy": c.strategy or self.strategy,
+        }
+
+
+class GraphMemory:
+    """Peak bytes held by autograd graphs: every tensor saved for backward is counted (each storage
+    once) from when it is saved until its graph is freed."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
+        self.current = 0
+        self.peak = 0
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        try:
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return tensor
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [1, size]
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[0] += 1
+        return _Held(tensor, self, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self.live[key]
+
+    def hooks(self):
+        """The context manager that counts, for ``with``."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+
+class _Held:
+    __slots__ = ("tensor", "meter", "key")
+
+    def __init__(self, tensor: torch.Tensor, meter: GraphMemory, key: int) -> None:
+        self.tensor, self.meter, self.key = tensor, meter, key
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+def _unpack(held: Any) -> torch.Tensor:
+    return held.tensor if isinstance(held, _Held) else held
+
+
+def _thin(values: list, keep: int) -> tuple[list, list[int]]:
+    """At most ``keep`` evenly spaced values and their 1-based positions."""
+    if len(values) <= keep:
+        return values, list(range(1, len(values) + 1))
+    index = sorted({round(i * (len(values) - 1) / (keep - 1)) for i in range(keep)})
+    return [values[i] for i in index], [i + 1 for i in index]
+
+
+class _EpochEvents:
+    """A ``fit`` callback that reports each finished epoch (run index, epoch) to ``emit``."""
+
+    def __init__(self, emit: Callable[[tuple], None], index: int) -> None:
+        self.emit, self.index = emit, index
+
+    def on_epoch_end(self, trainer, info: dict) -> None:
+        self.emit(("epoch", self.index, info["epoch"]))
+
+
+def _best(values: list[float], higher_is_better: bool) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan
+    return max(finite) if higher_is_better else min(finite)
+
+
+_WARM = False
+
+
+def warm_up() -> None:
+    """Pay, once per process, the one-off costs that would land in the first run's time: importing
+    the training loop, and the lazy import torch makes on the first optimizer it builds."""
+    global _WARM
+    if not _WARM:
+        from .. import fit  # noqa: F401
+
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        _WARM = True
+
+
+def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> dict[str, Any]:
+    """The result of a run that could not finish, with its error."""
+    settings = spec.settings()
+    return {
+        "task": spec.task, "config": str(spec.configuration), "strategy": settings["strategy"],
+        "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
+        "status": "failed", "error": error,
+        "wall_time": math.nan if started is None else time.perf_counter() - started,
+    }
+
+
+def run_one(spec: RunSpec, emit: Optional[Callable[[tuple], None]] = None) -> dict[str, Any]:
+    """Train one model under one configuration and seed; the run's JSON-able result."""
+    from ..data import load_task
+    from ..trainer import Trainer
+
+    warm_up()
+    started = time.perf_counter()
+    settings = spec.settings()
+    try:
+        task = load_task(spec.task, **dict(spec.task_options))
+        started = time.perf_counter()  # the run's time, not loading the data
+        random.seed(spec.seed)
+        torch.manual_seed(spec.seed)
+        model = task.model(hidden=spec.hidden, cell=spec.cell)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+        trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
+                          clip_grad_norm=settings["clip"])
+        meter = GraphMemory()
+        callbacks = [_EpochEvents(emit, spec.index)] if emit is not None else []
+        with meter.hooks():
+            history = trainer.fit(task.train, epochs=spec.epochs, valid=task.valid, metric=task.metric,
+                                  segment_length=spec.segment_length, callbacks=callbacks, progress=False,
+                                  max_seconds=spec.max_seconds)
+    except Exception as exc:  # a broken run is reported, never allowed to end the sweep
+        result = failed_run(spec, f"{type(exc).__name__}: {exc}", started)
+        result["traceback"] = traceback.format_exc(limit=8)
+        return result
+
+    epochs = [{**e, "elapsed": e["wall_time"]} for e in history.epochs]
+    metrics = [e.get("valid_metric", math.nan) for e in epochs]
+    # an update skipped with a finite norm had no gradient to speak of (no valid steps): no point
+    norms = [math.nan if r.skipped and math.isfinite(r.grad_norm) else r.grad_norm for r in history.updates]
+    losses = [r.loss for r in history.updates]
+    train_time = sum(r.wall_time for r in history.updates)
+    steps = task.train.steps * len(epochs)
+    last = epochs[-1] if epochs else {}
+    diverged = history.diverged or not math.isfinite(last.get("valid_loss", math.nan))
+    kept_norms, index = _thin(norms, KEEP_UPDATES)
+    result = failed_run(spec, "", started)
+    result.update(
+        status="diverged" if diverged else "ok",
+        metric_name=task.metric_name, higher_is_better=task.higher_is_better, baseline=task.baseline["valid"],
+        epochs=epochs,
+        final_metric=metrics[-1] if metrics else math.nan,
+        best_metric=_best(metrics, task.higher_is_better),
+        final_valid_loss=last.get("valid_loss", math.nan),
+        wall_time=time.perf_counter() - started,
+        train_time=train_time,
+        steps=steps,
+        steps_per_s=steps / train_time if train_time > 0 else math.nan,
+        updates=len(history.updates),
+        skipped=sum(r.skipped for r in history.updates),
+        forward_steps=trainer.engine.forward_steps,
+        backward_steps=trainer.engine.backward_steps,
+        peak_graph_mb=meter.peak / 2**20,
+        roughness=roughness(losses),
+        stopped_by=history.stopped_by,
+        grad_norms=kept_norms,
+        update_losses=_thin(losses, KEEP_UPDATES)[0],
+        update_index=index,
+        **grad_norm_summary(norms),
+    )
+    return result
+
+
+def estimated_cost(spec: RunSpec, steps: int) -> float:
+    """A rough relative cost of a run on streams of ``steps`` steps, to start the longest runs first."""
+    settings = spec.settings()
+    cost = settings["schedule"].cost(steps)
+    forward = cost["forward_stored"] if settings["strategy"] == "stored" else cost["forward_recompute"]
+    # an update's fixed overhead (optimizer step, bookkeeping) is worth some tens of steps
+    return spec.epochs * (forward + 2 * cost["backward"] + 40 * cost["updates"])
+
+
+def spec_dict(spec: RunSpec) -> dict[str, Any]:
+    """The spec as plain data, for the report's settings."""
+    return asdict(spec)

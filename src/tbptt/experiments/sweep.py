@@ -1,0 +1,265 @@
+"""``compare``: run a task under several configurations and seeds in parallel, and report.
+
+Each (configuration, seed) is one ``run_one`` in a worker process (spawned, one torch thread
+each, seeded from the seed alone, so a run's result does not depend on ``jobs``). Finished runs
+are written to the report folder as they arrive; Ctrl-C stops the workers and keeps what finished.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import queue as queue_module
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .plots import write_plots
+from .report import terminal_tables, write_html, write_results
+from .runs import Configuration, RunSpec, estimated_cost, failed_run, run_one, spec_dict, warm_up
+from .summary import Row, Run, summarize
+
+_EVENTS: Any = None  # the worker's queue to the parent, set by _init_worker
+
+
+def _init_worker(events: Any) -> None:
+    global _EVENTS
+    _EVENTS = events
+    torch.set_num_threads(1)
+    # Ctrl-C is the parent's to handle: it stops the workers and keeps the runs that finished
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warm_up()
+
+
+def _emit(event: tuple) -> None:
+    _EVENTS.put(event)
+
+
+def _worker_run(spec: RunSpec) -> Run:
+    return run_one(spec, _emit)
+
+
+@dataclass
+class Comparison:
+    """The outcome of ``compare``: every run, one summary row per configuration, the target metric
+    used for time-to-target, and where the report is (None when not written)."""
+
+    meta: dict[str, Any]
+    runs: list[Run]
+    rows: list[Row]
+    target: Optional[float]
+    report: Optional[Path] = None
+    interrupted: bool = False
+    files: list[Path] = field(default_factory=list)
+
+    def tables(self):
+        """The rich tables (skill, stability, speed) to print."""
+        return terminal_tables(self.rows, self.meta)
+
+
+def _specs(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]], options: dict) -> list[RunSpec]:
+    if isinstance(configs, str):
+        raise TypeError(f"configs must be a list of configurations like ['n,n', '10,40']; got the string {configs!r}")
+    if not configs:
+        raise ValueError("configs is empty; give at least one configuration, e.g. ['20,20', '10,40']")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ValueError(f"seeds must be a positive count or a list of seeds; got {seeds!r}")
+    for text in configs:
+        Configuration.parse(text)  # a bad configuration fails here, before any run starts
+    specs = []
+    for config in configs:
+        for seed in seed_list:
+            specs.append(RunSpec(task=task, config=config, seed=seed, index=len(specs), **options))
+    return specs
+
+
+def _meta(task_name: str, specs: list[RunSpec], options: dict) -> dict[str, Any]:
+    from ..data import load_task
+
+    task = load_task(task_name, **dict(specs[0].task_options))
+    settings = {k: v for k, v in spec_dict(specs[0]).items() if k not in ("config", "seed", "index", "task")}
+    settings["task_options"] = dict(settings["task_options"])
+    settings["seeds"] = sorted({s.seed for s in specs})
+    return {
+        "task": task.name, "description": task.description, "metric_name": task.metric_name,
+        "higher_is_better": task.higher_is_better, "baseline": task.baseline["valid"],
+        "baseline_name": task.baseline_name, "dependency": task.dependency,
+        "train_steps": task.train.steps, "train_streams": task.train.batch_size, "settings": settings,
+    }
+
+
+def compare(
+    task: str,
+    configs: Sequence[str],
+    seeds: Union[int, Sequence[int]] = 3,
+    *,
+    epochs: int = 10,
+    strategy: str = "recompute",
+    hidden: int = 32,
+    cell: str = "lstm",
+    lr: float = 1e-2,
+    clip: Optional[float] = 1.0,
+    segment_length: Optional[int] = None,
+    max_seconds: Optional[float] = None,
+    task_options: Optional[dict[str, Any]] = None,
+    target: Optional[float] = None,
+    jobs: Optional[int] = None,
+    out: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+    console: Any = None,
+) -> Comparison:
+    """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..]"``) with each
+    seed and summarise skill, stability and speed per configuration.
+
+    ``seeds``: a count (seeds 0..count-1) or a list. ``jobs``: worker processes (default: CPU
+    count, at most one per run; 1 runs in this process). ``target``: the validation metric for
+    time-to-target (default: baseline + 90% of the best improvement seen). ``out``: the report
+    folder (results.csv/json, runs.csv, PNGs, report.html), rewritten as runs finish. Ctrl-C stops
+    the sweep, writes what finished and returns with ``interrupted=True``.
+    """
+    options = dict(epochs=epochs, strategy=strategy, hidden=hidden, cell=cell, lr=lr, clip=clip,
+                   segment_length=segment_length, max_seconds=max_seconds,
+                   task_options=tuple(sorted((task_options or {}).items())))
+    specs = _specs(task, configs, seeds, options)
+    meta = _meta(task, specs, options)
+    if jobs is None:
+        jobs = mp.cpu_count()
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int (worker processes); got {jobs!r}")
+    jobs = min(jobs, len(specs))
+    out_path = Path(out) if out is not None else None
+    results: dict[int, Run] = {}
+
+    def finished(run: Run) -> None:
+        results[run["index"]] = run
+        if out_path is not None:
+            done = [results[i] for i in sorted(results)]
+            rows, used = summarize(done, meta["baseline"], meta["higher_is_better"], target)
+            write_results(out_path, {**meta, "target": used, "partial": len(done) < len(specs)}, rows, done)
+
+    interrupted = False
+    with _Progress(progress, len(specs), epochs, console) as bar:
+        try:
+            # longest runs first, so that the last to finish is a short one (results keep spec order)
+            ordered = sorted(specs, key=lambda s: -estimated_cost(s, meta["train_steps"]))
+            if jobs == 1:
+                _run_here(ordered, bar, finished)
+            else:
+                _run_pool(ordered, jobs, bar, finished)
+        except KeyboardInterrupt:
+            interrupted = True
+
+    runs = [results[i] for i in sorted(results)]
+    rows, used = summarize(runs, meta["baseline"], meta["higher_is_better"], target)
+    meta = {**meta, "target": used, "interrupted": interrupted, "partial": len(runs) < len(specs)}
+    comparison = Comparison(meta, runs, rows, used, interrupted=interrupted)
+    if out_path is not None:
+        write_results(out_path, meta, rows, runs)
+        images = write_plots(out_path, runs, rows, meta) if runs else []
+        comparison.report = write_html(out_path, meta, rows, images)
+        comparison.files = [out_path / n for n in ("results.json", "results.csv", "runs.csv")] + [p for _, p in images]
+    return comparison
+
+
+def _run_here(specs: list[RunSpec], bar: "_Progress", finished) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: results do not depend on jobs
+    try:
+        for spec in specs:
+            finished(run_one(spec, bar.event))
+            bar.run_done(spec.index)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> None:
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    before = set(mp.active_children())
+    executor = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(events,))
+    try:
+        futures = {executor.submit(_worker_run, spec): spec for spec in specs}
+        pending = set(futures)
+        while pending:
+            try:
+                bar.event(events.get(timeout=0.2))
+                while True:
+                    bar.event(events.get_nowait())
+            except queue_module.Empty:
+                pass
+            for future in [f for f in pending if f.done()]:
+                pending.remove(future)
+                spec = futures[future]
+                try:
+                    run = future.result()
+                except Exception as exc:  # a worker that died (killed, out of memory) fails its runs only
+                    run = failed_run(spec, f"{type(exc).__name__}: {exc}")
+                finished(run)
+                bar.run_done(spec.index)
+        executor.shutdown(wait=True)
+    except BaseException:
+        # workers ignore SIGINT; stop them here so that an interrupted sweep ends now
+        for process in set(mp.active_children()) - before:
+            process.terminate()
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        events.close()
+
+
+class _Progress:
+    """Epochs finished over all runs, as a rich progress bar (silent when ``show`` is False)."""
+
+    def __init__(self, show: bool, runs: int, epochs: int, console: Any = None) -> None:
+        self.show, self.runs, self.epochs, self.console = show, runs, epochs, console
+        self.progress = None
+        self.counted: dict[int, int] = {}
+        self.runs_done = 0
+
+    def __enter__(self) -> "_Progress":
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("epochs"), TimeElapsedColumn(), console=self.console,
+                                     transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self._describe(), total=self.runs * self.epochs)
+        return self
+
+    def _describe(self) -> str:
+        return f"runs {self.runs_done}/{self.runs}"
+
+    def _advance(self, index: int, epochs: int) -> None:
+        self.counted[index] = self.counted.get(index, 0) + epochs
+        if self.progress is not None:
+            self.progress.update(self.task, advance=epochs, description=self._describe())
+
+    def event(self, event: tuple) -> None:
+        if event[0] == "epoch":
+            self._advance(event[1], 1)
+
+    def run_done(self, index: int) -> None:
+        """A run ended; epochs it skipped (stopped early, diverged, failed) count as done."""
+        self.runs_done += 1
+        self._advance(index, max(0, self.epochs - self.counted.get(index, 0)))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def summary_line(comparison: Comparison) -> str:
+    """One sentence naming the best configuration by final validation metric."""
+    rows = [r for r in comparison.rows if math.isfinite(r["final_metric"])]
+    if not rows:
+        return "no configuration finished"
+    pick = max if comparison.meta["higher_is_better"] else min
+    best = pick(rows, key=lambda r: r["final_metric"])
+    return (f"best final validation {comparison.meta['metric_name']}: {best['config']} "
+            f"({best['final_metric']:.4g}; baseline {comparison.meta['baseline']:.4g})")

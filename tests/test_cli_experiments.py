@@ -1,0 +1,141 @@
+"""The experiment commands end to end: schedule, compare (parallel, diverging, interrupted), probe, demo."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tbptt import TBPTT
+from tbptt.cli import main
+from tbptt.experiments import report
+from tbptt.experiments.runs import RunSpec, run_one
+
+TINY_ADDING = ["--task", "adding", "--task-option", "sequences=32", "--task-option", "eval_sequences=16",
+               "--task-option", "length=10", "--task-option", "batch_size=8"]
+
+
+def test_schedule_command_prints_the_timeline_and_the_cost(tmp_path, capsys):
+    png = tmp_path / "s.png"
+    assert main(["schedule", "2", "5", "--n", "10", "--png", str(png), "--width", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "T=6  ·░░░██····" in out and "T=10 ·····░░░██" in out
+    cost = TBPTT(2, 5).cost(10)
+    for name, key in (("updates", "updates"), ("forward (recompute)", "forward_recompute"),
+                      ("backward", "backward"), ("memory", "max_window")):
+        line = next(l for l in out.splitlines() if f" {name} " in l)
+        assert f" {cost[key]} " in line
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["schedule", "0", "5"]) == 2
+    assert "k1 must be a positive int" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_compare_end_to_end_with_a_diverging_configuration(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["compare", *TINY_ADDING, "--config", "5,5", "--config", "2,10", "--config", "5,5@lr=1e25",
+                 "--seeds", "2", "--epochs", "2", "--jobs", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "adding: skill" in printed and "report:" in printed
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in data["summary"]}
+    assert set(rows) == {"TBPTT(5,5)", "TBPTT(2,10)", "TBPTT(5,5) lr=1e+25"}
+    assert rows["TBPTT(5,5) lr=1e+25"]["diverged"] == 2
+    assert rows["TBPTT(5,5)"]["diverged"] == 0 and rows["TBPTT(2,10)"]["diverged"] == 0
+    assert all(r["status"] != "failed" for r in data["runs"]) and len(data["runs"]) == 6
+    # forward and backward steps from the schedule: 2 epochs of 40-step streams
+    assert rows["TBPTT(2,10)"]["backward_steps"] == 2 * TBPTT(2, 10).cost(40)["backward"]
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+
+
+def test_compare_rejects_a_bad_configuration(capsys):
+    assert main(["compare", *TINY_ADDING, "--config", "5,x", "--no-progress"]) == 2
+    assert "5,x" in capsys.readouterr().err
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is alive (a zombie waiting to be reaped is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_ctrl_c_stops_the_workers_and_keeps_the_runs_that_finished(tmp_path):
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # one run that takes long, TBPTT(1,n) on 300-step streams, and a short one that finishes first
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbptt", "compare", "--task", "echo", "--task-option", "steps=300",
+         "--task-option", "batch_size=4", "--config", "1,n", "--config", "50,50", "--seeds", "1",
+         "--epochs", "30", "--jobs", "2", "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (out / "results.json").exists():
+            time.sleep(0.2)
+        assert (out / "results.json").exists(), proc.stderr.read1().decode() if proc.poll() is not None else "timeout"
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGINT)  # to the parent only: it must stop its workers itself
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["interrupted"] is True
+    assert [r["config"] for r in data["runs"]] == ["TBPTT(50,50)"]
+    assert workers and not any(running(pid) for pid in workers)
+    assert (out / "report.html").exists() and b"interrupted" in stdout
+    # the run that finished in a worker process is the run this process makes from the same seed
+    spec = RunSpec(task="echo", config="50,50", seed=0, epochs=30,
+                   task_options=(("batch_size", 4), ("steps", 300)))
+    here = run_one(spec)
+    there = data["runs"][0]
+    assert here["final_metric"] == there["final_metric"]
+    assert json.loads(json.dumps(report._json_safe(here["grad_norms"]))) == there["grad_norms"]
+
+
+def test_probe_command(tmp_path, capsys):
+    png = tmp_path / "probe.png"
+    code = main(["probe", "--task", "echo", "--task-option", "steps=40", "--task-option", "eval_steps=30",
+                 "--task-option", "batch_size=4", "--max-lag", "8", "--positions", "6", "--epochs", "1",
+                 "--png", str(png)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "untrained" in out and "trained" in out and "lag 8" in out
+    assert "recommended k2" in out or "beyond lag 8" in out or "exploding" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "1", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "k2 > d = 2" in out and "demo finished" in out
+    assert (tmp_path / "index.html").exists() and (tmp_path / "echo" / "report.html").exists()
