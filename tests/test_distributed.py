@@ -98,6 +98,18 @@ def ranks(rank, port, out):
     for k1, k2, strategy in CONFIGS:
         trainer, history = train(k1, k2, strategy, tdist.DistributedTrainer, log=f"{out}/log{rank}.jsonl")
         result[(k1, k2, strategy)] = (weights(trainer), [r.loss for r in history.updates])
+    # one update by hand: 1 valid step on rank 0, 3 on rank 1; rank 0 has no gradient for the
+    # head's bias, nobody has one for its weight
+    trainer = new_trainer(4, 4, "recompute", tdist.DistributedTrainer)
+    grads = {n: torch.full_like(p, rank + 1.0) for n, p in trainer.engine.named_parameters()}
+    grads["head.weight"] = None
+    if rank == 0:
+        grads["head.bias"] = None
+    update = tbptt.Update(0, 0, 4)
+    count = torch.tensor(1.0 + 2 * rank)
+    reduced = trainer.reduce(tbptt.UpdateResult(update, torch.tensor(0.5 + rank, dtype=torch.float64), grads, count))
+    result["reduced"] = ({n: None if g is None else g.clone() for n, g in reduced.grads.items()},
+                         float(reduced.loss), float(reduced.valid_steps))
     # uninterrupted, killed past a mid-block checkpoint, resumed; and resumed from one process's checkpoint
     options = dict(checkpoint=f"{out}/whole.pt", checkpoint_every=2)
     result["whole"] = weights(train(3, 8, "stored", tdist.DistributedTrainer, **options)[0])
@@ -189,6 +201,15 @@ def test_two_ranks_with_half_the_rows_each_reach_the_weights_of_one_process_with
         assert losses == pytest.approx([r.loss for r in history.updates], rel=1e-10)
     skipped = [r for r in history.updates if r.skipped]
     assert not skipped, "no update of this data is empty on both ranks"
+
+
+def test_an_update_is_weighted_by_valid_steps_and_missing_gradients_count_as_zeros(job):
+    for rank in range(WORLD):
+        grads, loss, count = results(job, rank)["reduced"]
+        assert count == 4 and loss == (1 * 0.5 + 3 * 1.5) / 4
+        assert grads["head.weight"] is None
+        assert torch.equal(grads["head.bias"], torch.full((2,), (1 * 0.0 + 3 * 2.0) / 4, dtype=torch.float64))
+        assert torch.equal(grads["lstm.weight_hh_l0"], torch.full((20, 5), (1 * 1.0 + 3 * 2.0) / 4, dtype=torch.float64))
 
 
 def test_ranks_stay_in_sync_across_a_checkpoint_and_resume(job):
