@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,8 +55,6 @@ def test_bad_arguments_say_what_is_wrong(args, message, capsys, monkeypatch):
     assert main(["train", "--task", "echo", "--task-option", "steps=20", "--task-option", "eval_steps=10",
                  "--epochs", "1", *args]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    import re
-
     assert re.search(message, err), err
 
 
