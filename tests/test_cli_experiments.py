@@ -55,7 +55,7 @@ def test_compare_end_to_end_with_a_diverging_configuration(tmp_path, capsys):
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
 
 
 def test_compare_rejects_a_bad_configuration(capsys):

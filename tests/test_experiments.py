@@ -91,14 +91,15 @@ def test_long_schedules_elide_rows_and_png_is_written(tmp_path):
 
 def fake_run(config, seed, finals, status="ok", norms=(1.0, 2.0, 3.0), wall=2.0):
     """A run whose validation metric per epoch is ``finals``, an epoch per second."""
-    epochs = [{"epoch": i + 1, "valid_metric": m, "elapsed": float(i + 1)} for i, m in enumerate(finals)]
+    epochs = [{"epoch": i + 1, "valid_metric": m, "elapsed": float(i + 1), "backward_steps": 10 * (i + 1)}
+              for i, m in enumerate(finals)]
     finite = [m for m in finals if math.isfinite(m)]
     return {
         "config": config, "strategy": "recompute", "seed": seed, "index": seed, "status": status,
         "epochs": epochs, "final_metric": finals[-1], "best_metric": max(finite) if finite else math.nan,
         "grad_norms": list(norms), "update_index": list(range(1, len(norms) + 1)),
         **grad_norm_summary(norms),
-        "roughness": 0.1, "wall_time": wall, "steps_per_s": 100.0, "updates": len(norms),
+        "roughness": 0.1, "wall_time": wall, "cpu_time": wall, "steps_per_s": 100.0, "updates": len(norms),
         "forward_steps": 10, "backward_steps": 20, "peak_graph_mb": 0.5,
     }
 
@@ -149,7 +150,7 @@ def test_report_files_exist_and_parse(tmp_path):
     for _, path in images:
         assert path.read_bytes()[:4] == b"\x89PNG"
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 3 and "TBPTT(2,8)" in text and "1/2" in text
+    assert text.count("data:image/png;base64,") == 4 and "TBPTT(2,8)" in text and "1/2" in text
 
 
 def test_configuration_strings():

@@ -18,7 +18,7 @@ def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     p.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run (default {epochs})")
     p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
     p.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="recurrent cell (default lstm)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 0.01)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default 1)")
 
 
@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--config", action="append", required=True, metavar="K1,K2[@KEY=VALUE,...]",
                    help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 (keys lr, clip, strategy); repeatable")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam (default) or plain sgd (no momentum)")
     p.add_argument("--strategy", choices=("recompute", "stored"), default="recompute",
                    help="how windows that overlap earlier updates are run (default recompute)")
     p.add_argument("--segment-length", type=int, default=None, help="steps per train_on call (default: whole split)")
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         options = task_options(args.task, args.task_option)
         comparison = compare(
             args.task, args.config, args.seeds, epochs=args.epochs, strategy=args.strategy,
-            hidden=args.hidden, cell=args.cell, lr=args.lr, clip=args.clip or None,
+            hidden=args.hidden, cell=args.cell, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
             segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
             target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
             progress=not args.no_progress, console=console,

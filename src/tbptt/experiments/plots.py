@@ -58,23 +58,32 @@ def _reduce(array: np.ndarray, fn=np.nanmean) -> np.ndarray:
         return fn(array, axis=0)
 
 
-def plot_curves(runs: Sequence[Run], meta: dict, path: Path) -> Path:
-    """Validation metric per epoch: the mean over seeds, and a band from the lowest to the highest."""
+def plot_curves(runs: Sequence[Run], meta: dict, path: Path, by: str = "epoch") -> Path:
+    """Validation metric per epoch: the mean over seeds, and a band from the lowest to the highest.
+
+    ``by="backward_steps"`` puts each epoch at the backward steps spent so far (log scale), so that
+    configurations are compared at equal gradient cost instead of equal data.
+    """
     fig, ax = _figure()
     groups = group_runs([r for r in runs if r.get("epochs")])
     strategies = len({s for _, s in groups})
     for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
         curves = _stack([_nan(e.get("valid_metric") for e in r["epochs"]) for r in group])
-        epochs = np.arange(1, curves.shape[1] + 1)
+        if by == "epoch":
+            x = np.arange(1, curves.shape[1] + 1)
+        else:
+            x = _reduce(_stack([_nan(e.get(by) for e in r["epochs"]) for r in group]))
         name = label({"config": config, "strategy": strategy}, strategies)
-        ax.plot(epochs, _reduce(curves), color=colour, label=name, marker="." if len(epochs) < 30 else None)
+        ax.plot(x, _reduce(curves), color=colour, label=name, marker="." if len(x) < 30 else None)
         if curves.shape[0] > 1:
-            ax.fill_between(epochs, _reduce(curves, np.nanmin), _reduce(curves, np.nanmax),
+            ax.fill_between(x, _reduce(curves, np.nanmin), _reduce(curves, np.nanmax),
                             color=colour, alpha=0.2, linewidth=0)
     baseline = meta.get("baseline")
     if baseline is not None and math.isfinite(baseline):
         ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"baseline ({meta.get('baseline_name', 'trivial')})")
-    ax.set_xlabel("epoch")
+    if by != "epoch":
+        ax.set_xscale("log")
+    ax.set_xlabel("epoch" if by == "epoch" else by.replace("_", " ") + " so far")
     ax.set_ylabel(f"validation {meta.get('metric_name', 'metric')}")
     ax.set_title(f"{meta.get('task', '')}: validation {meta.get('metric_name', '')} (band: min-max over seeds)", fontsize=10)
     return _finish(fig, ax, path)
@@ -101,11 +110,14 @@ def plot_grad_norms(runs: Sequence[Run], meta: dict, path: Path) -> Path:
 
 
 def plot_skill_time(rows: Sequence[Row], meta: dict, path: Path) -> Path:
-    """Final validation metric (mean, bar: sd over seeds) against training wall time."""
+    """Final validation metric (mean, bar: sd over seeds) against each run's CPU time (one thread
+    per run, so this is its wall time on an idle core, and steady on a busy machine)."""
     fig, ax = _figure()
     strategies = len({r["strategy"] for r in rows})
+    times = [r.get("cpu_time", math.nan) for r in rows]
+    finite = [t for t in times if math.isfinite(t) and t > 0]
     for colour, row in zip(_colours(len(rows)), rows):
-        x, y, err = row["wall_time"], row["final_metric"], row["final_metric_std"]
+        x, y, err = row.get("cpu_time", math.nan), row["final_metric"], row["final_metric_std"]
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
         ax.errorbar([x], [y], yerr=[err if math.isfinite(err) else 0.0], fmt="o", color=colour,
@@ -114,17 +126,21 @@ def plot_skill_time(rows: Sequence[Row], meta: dict, path: Path) -> Path:
     baseline = meta.get("baseline")
     if baseline is not None and math.isfinite(baseline):
         ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline")
-    ax.set_xlabel("wall time per run (s)")
+    if finite and max(finite) > 20 * min(finite):
+        ax.set_xscale("log")
+    ax.set_xlabel("CPU seconds per run (one thread)")
     ax.set_ylabel(f"final validation {meta.get('metric_name', 'metric')}")
     ax.set_title(f"{meta.get('task', '')}: skill against time", fontsize=10)
     return _finish(fig, ax, path)
 
 
 def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Path]]:
-    """All three PNGs in ``out``; (caption, path) pairs for the report."""
+    """All four PNGs in ``out``; (caption, path) pairs for the report."""
     out.mkdir(parents=True, exist_ok=True)
     return [
         ("validation curves per configuration, band over seeds", plot_curves(runs, meta, out / "curves.png")),
+        ("validation against backward steps spent (equal gradient cost)",
+         plot_curves(runs, meta, out / "curves_backward.png", by="backward_steps")),
         ("gradient norm over updates", plot_grad_norms(runs, meta, out / "grad_norms.png")),
         ("skill against time", plot_skill_time(rows, meta, out / "skill_time.png")),
     ]

@@ -35,6 +35,7 @@ STABILITY = [
 ]
 SPEED = [
     ("wall s", "wall_time", "s"),
+    ("cpu s", "cpu_time", "s"),
     ("steps/s", "steps_per_s", "int"),
     ("updates", "updates", "int"),
     ("fwd steps", "forward_steps", "int"),
@@ -48,6 +49,7 @@ NOTES = {
     "spikes": "updates whose gradient norm exceeds 10x the run's median",
     "roughness": "mean |change of log training loss| between consecutive updates",
     "graph MB": "peak memory held by autograd graphs (tensors saved for backward)",
+    "cpu s": "CPU seconds of the run's process (one thread): steadier than wall time on a busy machine",
     "s to target": "training seconds until the validation metric first reached the target "
     "(default: baseline + 90% of the best improvement any run achieved), with runs that got there",
 }

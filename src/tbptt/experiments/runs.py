@@ -23,6 +23,7 @@ KEEP_UPDATES = 2000
 """Per-update records kept in a run's result (evenly thinned beyond this)."""
 
 _OVERRIDES = {"lr": float, "clip": float, "strategy": str}
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class RunSpec:
     hidden: int = 32
     cell: str = "lstm"
     lr: float = 1e-2
+    optimizer: str = "adam"
     clip: Optional[float] = 1.0
     segment_length: Optional[int] = None
     max_seconds: Optional[float] = None
@@ -101,6 +103,8 @@ class RunSpec:
             raise ValueError(f"epochs must be a positive int; got {self.epochs!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int; got {self.seed!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
         del configuration
@@ -233,10 +237,11 @@ def run_one(spec: RunSpec, emit: Optional[Callable[[tuple], None]] = None) -> di
     try:
         task = load_task(spec.task, **dict(spec.task_options))
         started = time.perf_counter()  # the run's time, not loading the data
+        cpu_started = time.process_time()
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
         model = task.model(hidden=spec.hidden, cell=spec.cell)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+        optimizer = OPTIMIZERS[spec.optimizer](model.parameters(), lr=settings["lr"])
         trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
                           clip_grad_norm=settings["clip"])
         meter = GraphMemory()
@@ -269,6 +274,8 @@ def run_one(spec: RunSpec, emit: Optional[Callable[[tuple], None]] = None) -> di
         best_metric=_best(metrics, task.higher_is_better),
         final_valid_loss=last.get("valid_loss", math.nan),
         wall_time=time.perf_counter() - started,
+        # CPU seconds of this process: on a shared machine, a steadier measure than wall time
+        cpu_time=time.process_time() - cpu_started,
         train_time=train_time,
         steps=steps,
         steps_per_s=steps / train_time if train_time > 0 else math.nan,

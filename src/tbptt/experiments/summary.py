@@ -108,6 +108,7 @@ def summarize(
             "grad_spikes": _mean(r.get("grad_spikes") for r in done),
             "roughness": _mean(r.get("roughness") for r in done),
             "wall_time": _mean(r.get("wall_time") for r in done),
+            "cpu_time": _mean(r.get("cpu_time") for r in done),
             "steps_per_s": _mean(r.get("steps_per_s") for r in done),
             "updates": _mean(r.get("updates") for r in done),
             "forward_steps": _mean(r.get("forward_steps") for r in done),

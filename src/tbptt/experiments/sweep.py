@@ -103,6 +103,7 @@ def compare(
     hidden: int = 32,
     cell: str = "lstm",
     lr: float = 1e-2,
+    optimizer: str = "adam",
     clip: Optional[float] = 1.0,
     segment_length: Optional[int] = None,
     max_seconds: Optional[float] = None,
@@ -122,7 +123,7 @@ def compare(
     folder (results.csv/json, runs.csv, PNGs, report.html), rewritten as runs finish. Ctrl-C stops
     the sweep, writes what finished and returns with ``interrupted=True``.
     """
-    options = dict(epochs=epochs, strategy=strategy, hidden=hidden, cell=cell, lr=lr, clip=clip,
+    options = dict(epochs=epochs, strategy=strategy, hidden=hidden, cell=cell, lr=lr, optimizer=optimizer, clip=clip,
                    segment_length=segment_length, max_seconds=max_seconds,
                    task_options=tuple(sorted((task_options or {}).items())))
     specs = _specs(task, configs, seeds, options)
