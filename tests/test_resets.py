@@ -46,7 +46,10 @@ def brute_force_with_resets(model, x, y, k1, k2, resets, mask=None):
                 if t >= loss_start and (mask is None or mask[b, t]):
                     total = total + mse_steps(o, y[b : b + 1, t : t + 1]).sum()
                     count += 1
-        grads = torch.autograd.grad(total / max(count, 1), params, allow_unused=True)
+        if count == 0:  # no valid error step: nothing to learn from
+            grads_out.append([torch.zeros_like(p) for p in params])
+            continue
+        grads = torch.autograd.grad(total / count, params, allow_unused=True)
         grads_out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
     return grads_out
 
@@ -110,6 +113,8 @@ def test_reset_rows_finds_the_batch_dimension():
     out = tbptt.reset_rows((h, {"m": torch.ones(3, 5)}), torch.tensor([False, True, False]))
     assert out[0][:, 1].abs().sum() == 0 and out[0][:, 0].sum() == 8
     assert out[1]["m"][1].sum() == 0 and out[1]["m"][0].sum() == 5
+    square = tbptt.reset_rows(torch.ones(2, 2, 3), torch.tensor([True, False]))  # layers == B
+    assert square[:, 0].abs().sum() == 0 and square[:, 1].sum() == 6
     with pytest.raises(ValueError, match="batch dimension"):
         tbptt.reset_rows(torch.ones(4, 5), torch.tensor([True, False, True]))
 

@@ -20,6 +20,7 @@ from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
 from .models import RecurrentNet
+from .distributed import DistributedError, DistributedTrainer, init_from_env
 from .fit import History
 from .trainer import NonFiniteError, Trainer, UpdateRecord
 
@@ -32,6 +33,9 @@ __all__ = [
     "NonFiniteError",
     "History",
     "CheckpointError",
+    "DistributedTrainer",
+    "DistributedError",
+    "init_from_env",
     "StreamEngine",
     "UpdateResult",
     "STRATEGIES",

@@ -11,10 +11,9 @@ run resumes on any number of ranks, or on one process with a plain ``Trainer``. 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from datetime import timedelta
 from functools import reduce as fold
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,6 @@ DEFAULT_TIMEOUT = 300.0
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # the single-process readers and writers; DistributedTrainer.fit routes fit's calls through its own
-_write, _read = ckpt.save, ckpt.load
 
 
 class DistributedError(RuntimeError):
@@ -176,8 +174,7 @@ class DistributedTrainer(Trainer):
         self._agree(facts)
         if self.rank != 0:
             options = {**options, "log": None, "progress": False}
-        with self._checkpoints_through_rank_zero():
-            return super().fit(train, epochs, valid, **options)
+        return super().fit(train, epochs, valid, **options)
 
     def save_checkpoint(self, payload: dict[str, Any], path: Any) -> None:
         """Write ``fit``'s checkpoint from rank 0, with every rank's rows gathered into one stream
@@ -192,7 +189,7 @@ class DistributedTrainer(Trainer):
             assert gathered is not None
             try:
                 engine = merge_streams([g[0] for g in gathered], self.model, self.engine.reset_fn)
-                _write({**payload, "engine": engine, "engine_ranks": [g[0] for g in gathered],
+                ckpt.save({**payload, "engine": engine, "engine_ranks": [g[0] for g in gathered],
                         "rng_ranks": [g[1] for g in gathered], "world_size": self.world_size}, path)
             except Exception as exc:
                 failure[0] = f"{type(exc).__name__}: {exc}"
@@ -207,7 +204,7 @@ class DistributedTrainer(Trainer):
         """Read a checkpoint (from any number of ranks, or one process) with this rank's rows of the
         streams. On as many ranks as saved, each rank gets back exactly its own stream and RNG
         states; on another number, its share of all rows, and ranks past 0 keep their RNG."""
-        saved = _read(path)
+        saved = ckpt.load(path)
         engine = saved["engine"]
         rows = engine.get("batch_size")
         if rows is not None and self._rows is not None and rows != self._rows * self.world_size:
@@ -229,15 +226,6 @@ class DistributedTrainer(Trainer):
         return saved
 
     # ------------------------------------------------------------------------------------------
-    @contextmanager
-    def _checkpoints_through_rank_zero(self) -> Iterator[None]:
-        # fit.py calls tbptt.checkpoint.save/load; until it offers a trainer hook, route them here
-        ckpt.save, ckpt.load = self.save_checkpoint, self.load_checkpoint
-        try:
-            yield
-        finally:
-            ckpt.save, ckpt.load = _write, _read
-
     def _model_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters()) + list(self.model.named_buffers())
 

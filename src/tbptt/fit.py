@@ -193,7 +193,7 @@ def fit(
 
     def save() -> None:
         assert checkpoint is not None
-        ckpt.save({
+        trainer.save_checkpoint({
             "model": trainer.model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -206,7 +206,7 @@ def fit(
         }, checkpoint)
 
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        saved = ckpt.load(checkpoint)
+        saved = trainer.load_checkpoint(checkpoint)
         ckpt.check_model(saved["model"], trainer.model, checkpoint)
         trainer.model.load_state_dict(saved["model"])
         trainer.optimizer.load_state_dict(saved["optimizer"])

@@ -49,8 +49,12 @@ def batch_dim(x: torch.Tensor, batch_size: int) -> int:
     """The dimension of a state tensor that indexes the B streams.
 
     nn.RNN/GRU/LSTM states are ``[layers * directions, B, H]`` (dimension 1); other states are taken
-    as batch-first. A tensor without a dimension of size B is rejected.
+    as batch-first. A 3-D tensor whose first two sizes both equal B is read in the nn.RNN layout
+    (dimension 1); pass a ``reset_fn`` for a batch-first 3-D state where that can happen. A tensor
+    without a dimension of size B is rejected.
     """
+    if x.dim() == 3 and x.shape[1] == batch_size:
+        return 1
     if x.dim() >= 2 and x.shape[0] != batch_size and x.shape[1] == batch_size:
         return 1
     if x.dim() >= 1 and x.shape[0] == batch_size:

@@ -124,7 +124,10 @@ class StepBuffer:
         self.resets_at = {p for p in self.resets_at if p >= position}
 
     def state_dict(self) -> list[tuple]:
-        return [(p.start, p.inputs, p.targets, p.mask, p.resets) for p in self.parts]
+        """Compact copies: a buffered slice is a view of the caller's whole tensor, which saving
+        as it is would write out in full."""
+        copy = lambda t: None if t is None else t.clone()  # noqa: E731
+        return [(p.start, copy(p.inputs), copy(p.targets), copy(p.mask), copy(p.resets)) for p in self.parts]
 
     def load_state_dict(self, saved: list[tuple]) -> None:
         self.parts, self.resets_at = [], set()

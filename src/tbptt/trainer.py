@@ -167,6 +167,18 @@ class Trainer:
 
         return evaluate(self, data, metric, segment_length)
 
+    def save_checkpoint(self, payload: dict, path: Any) -> None:
+        """Write ``fit``'s checkpoint (atomically; see ``tbptt.checkpoint``)."""
+        from . import checkpoint
+
+        checkpoint.save(payload, path)
+
+    def load_checkpoint(self, path: Any) -> dict:
+        """Read a checkpoint written by ``save_checkpoint``."""
+        from . import checkpoint
+
+        return checkpoint.load(path)
+
     def reset_state(self, flush: bool = True) -> list[UpdateRecord]:
         """End the streams; the next ``train_on`` starts fresh streams (state None).
 
