@@ -3,9 +3,10 @@
 Every row times two contenders in the same process, interleaved, on the same LSTM (``RecurrentNet``:
 nn.LSTM + linear head), the same data, the same initial weights and the same optimizer (plain SGD,
 so the optimizer adds as little as possible and engine overhead shows). A contender's time is the
-median of ``repeats`` runs over a whole stream after ``warmup`` runs; setup (model copy, optimizer,
-trainer) is outside the timer. The ratio is always ours / reference. ``benchmarks/README.md``
-explains each row.
+median of ``repeats`` runs over a whole stream after ``warmup`` runs, by process CPU time on one
+CPU thread and by synchronised wall time on CUDA (``BenchConfig.timer``); setup (model copy,
+optimizer, trainer) is outside the timer. The ratio is always ours / reference.
+``benchmarks/README.md`` explains each row.
 
 Peak memory of a run is the most memory its tensors held at once above the level before it: on
 CUDA ``torch.cuda.max_memory_allocated``; on CPU the running sum of the CPU allocator's
@@ -47,7 +48,7 @@ from .schedule import TBPTT
 class BenchConfig:
     """Sizes of one benchmark run. ``k``: TBPTT(k, k); ``k1 < k2``: the overlapping rows;
     ``long_n``: the stream of the TBPTT(n, n) rows; ``memory_ns``/``memory_k2s``: the streams and
-    window lengths of the memory rows (at ``k1``)."""
+    window lengths of the memory rows (at ``k1``); ``clock``: see ``timer``."""
 
     batch: int = 32
     inputs: int = 32
@@ -60,7 +61,7 @@ class BenchConfig:
     long_n: int = 1000
     memory_ns: tuple[int, ...] = (1000, 10000)
     memory_k2s: tuple[int, ...] = (32, 64, 128)
-    repeats: int = 5
+    repeats: int = 7
     warmup: int = 1
     threads: int = 1
     device: str = "cpu"
