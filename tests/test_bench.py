@@ -129,3 +129,9 @@ def test_cli_writes_json_and_markdown(result, tmp_path, monkeypatch, capsys) -> 
 def test_cli_rejects_bad_memory_lengths(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--memory-n", "1000,lots"]) == 2
     assert "--memory-n" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="cuda"):
+        bench.run_suite(bench.quick_config(device="cuda"))
