@@ -111,6 +111,10 @@ def test_ctrl_c_stops_the_workers_and_keeps_the_runs_that_finished(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["interrupted"] is True
     assert [r["config"] for r in data["runs"]] == ["TBPTT(50,50)"]
+    # the workers are gone; the resource tracker may take a moment to notice its parent left
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert workers and not any(running(pid) for pid in workers)
     assert (out / "report.html").exists() and b"interrupted" in stdout
     # the run that finished in a worker process is the run this process makes from the same seed

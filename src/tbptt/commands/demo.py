@@ -39,7 +39,7 @@ PARTS = (
         # (n,n) full BPTT; (1,n) real-time BPTT on a short stream; (k,k) chunks with k = d and k = 2d;
         # k1 < k2 overlapping windows; k1 > k2; (k1,1) one step of context
         ("n,n", "1,n", f"{DELAY},{DELAY}", f"{2 * DELAY},{2 * DELAY}", "4,12", "12,4", "4,1"),
-        epochs=40,
+        epochs=30,
         task_options=dict(delay=DELAY, symbols=8, batch_size=128, steps=50, eval_steps=100),
         note=f"delayed echo, delay d = {DELAY}: to learn it, an error must flow back d steps, so k2 > d",
     ),

@@ -1,5 +1,18 @@
 """Experiments: draw schedules, compare configurations on a task, write reports."""
 
+from .runs import Configuration, RunSpec, run_one
+from .summary import summarize
+from .sweep import Comparison, compare
 from .timeline import plot_schedule, render_timeline, schedule_grid
 
-__all__ = ["schedule_grid", "render_timeline", "plot_schedule"]
+__all__ = [
+    "compare",
+    "Comparison",
+    "Configuration",
+    "RunSpec",
+    "run_one",
+    "summarize",
+    "schedule_grid",
+    "render_timeline",
+    "plot_schedule",
+]

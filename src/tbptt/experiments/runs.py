@@ -96,7 +96,7 @@ class RunSpec:
     index: int = 0
 
     def __post_init__(self) -> None:
-        configuration = Configuration.parse(self.config)
+        Configuration.parse(self.config)  # a bad configuration string fails here, with its message
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -107,7 +107,6 @@ class RunSpec:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
-        del configuration
 
     @property
     def configuration(self) -> Configuration:

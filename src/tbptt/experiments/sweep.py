@@ -205,8 +205,11 @@ def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> No
         executor.shutdown(wait=True)
     except BaseException:
         # workers ignore SIGINT; stop them here so that an interrupted sweep ends now
-        for process in set(mp.active_children()) - before:
+        started = set(mp.active_children()) - before
+        for process in started:
             process.terminate()
+        for process in started:
+            process.join(timeout=10)
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
@@ -256,11 +259,21 @@ class _Progress:
 
 
 def summary_line(comparison: Comparison) -> str:
-    """One sentence naming the best configuration by final validation metric."""
+    """Which configuration to use: the best by final validation metric, and the one that reached
+    the target in every run at the least CPU time per run."""
     rows = [r for r in comparison.rows if math.isfinite(r["final_metric"])]
     if not rows:
         return "no configuration finished"
-    pick = max if comparison.meta["higher_is_better"] else min
+    meta = comparison.meta
+    pick = max if meta["higher_is_better"] else min
     best = pick(rows, key=lambda r: r["final_metric"])
-    return (f"best final validation {comparison.meta['metric_name']}: {best['config']} "
-            f"({best['final_metric']:.4g}; baseline {comparison.meta['baseline']:.4g})")
+    line = (f"best final validation {meta['metric_name']}: {best['config']} ({best['final_metric']:.4g}, "
+            f"{best['cpu_time']:.1f} CPU s per run; baseline {meta['baseline']:.4g})")
+    reliable = [r for r in rows if r["runs"] - r["failed"] > 0 and r["reached_target"] == r["runs"] - r["failed"]
+                and math.isfinite(r["cpu_time"])]
+    if comparison.target is not None and reliable:
+        cheapest = min(reliable, key=lambda r: r["cpu_time"])
+        if cheapest is not best:
+            line += (f"; cheapest to reach {meta['metric_name']} {comparison.target:.4g} in every run: "
+                     f"{cheapest['config']} ({cheapest['cpu_time']:.1f} CPU s per run)")
+    return line
