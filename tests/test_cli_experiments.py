@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from tbptt import TBPTT
 from tbptt.cli import main

@@ -177,8 +177,9 @@ def _html_table(rows: Sequence[Row], meta: dict) -> str:
 
 
 def write_html(out: Path, meta: dict, rows: Sequence[Row], images: Sequence[tuple[str, Path]],
-               title: Optional[str] = None) -> Path:
-    """report.html with the table and every image embedded (base64): one file to open or send."""
+               title: Optional[str] = None, headline: str = "") -> Path:
+    """report.html with the table and every image embedded (base64): one file to open or send.
+    ``headline``: a sentence printed above the table (which configuration to use)."""
     title = title or f"tbptt compare: {meta.get('task', '')}"
     figures = []
     for caption, path in images:
@@ -200,6 +201,7 @@ td:first-child{{text-align:left}}.bad{{color:#b00}}img{{max-width:100%}}figure{{
 Baseline ({html.escape(str(meta.get('baseline_name', 'trivial')))}): {_g(meta.get('baseline'))}.
 Target for time-to-target: {_g(meta.get('target'))}.</p>
 <p>Settings: {html.escape(settings)}</p>{interrupted}
+<p><b>{html.escape(headline)}</b></p>
 {_html_table(rows, meta)}
 <ul>{notes}</ul>
 {''.join(figures)}

@@ -162,7 +162,7 @@ def compare(
     if out_path is not None:
         write_results(out_path, meta, rows, runs)
         images = write_plots(out_path, runs, rows, meta) if runs else []
-        comparison.report = write_html(out_path, meta, rows, images)
+        comparison.report = write_html(out_path, meta, rows, images, headline=summary_line(comparison))
         comparison.files = [out_path / n for n in ("results.json", "results.csv", "runs.csv")] + [p for _, p in images]
     return comparison
 
