@@ -285,7 +285,12 @@ class StreamEngine:
         if self.checkpoint_segments is None:
             return []
         length = stop - start
-        count = math.ceil(math.sqrt(length)) if self.checkpoint_segments == "sqrt" else self.checkpoint_segments
+        if self.checkpoint_segments == "sqrt":
+            # sqrt(L) segments, but none shorter than ~32 steps: a fused call's fixed cost would
+            # otherwise outweigh the memory it saves (measured in benchmarks/README.md)
+            count = min(math.ceil(math.sqrt(length)), max(1, length // 32))
+        else:
+            count = self.checkpoint_segments
         count = max(1, min(count, length))
         return [start + round(i * length / count) for i in range(1, count)]
 
@@ -293,7 +298,9 @@ class StreamEngine:
         previous, start, stop = self.previous, update.start, update.stop
         first = min(start, previous)
         saved = self.schedule.saved_state_position(previous)
-        cuts = self._cuts(first, stop, start, previous, saved, *self._checkpoint_cuts(start, stop))
+        # no cut at P when the window starts before it: the state there is known already, and
+        # every extra call costs a fused kernel's fixed overhead
+        cuts = self._cuts(first, stop, start, saved, *self._checkpoint_cuts(start, stop))
         state = self._states[first]
         window_outputs: list[torch.Tensor] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
