@@ -226,7 +226,20 @@ def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> di
 
 
 def run_one(spec: RunSpec, emit: Optional[Callable[[tuple], None]] = None) -> dict[str, Any]:
-    """Train one model under one configuration and seed; the run's JSON-able result."""
+    """Train one model under one configuration and seed; the run's JSON-able result.
+
+    The run uses one torch thread (restored afterwards), as in a sweep's worker processes: the
+    result is the same wherever it runs, and small recurrent models gain nothing from more.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(spec, emit)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, Any]:
     from ..data import load_task
     from ..trainer import Trainer
 

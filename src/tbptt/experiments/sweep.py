@@ -168,14 +168,9 @@ def compare(
 
 
 def _run_here(specs: list[RunSpec], bar: "_Progress", finished) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: results do not depend on jobs
-    try:
-        for spec in specs:
-            finished(run_one(spec, bar.event))
-            bar.run_done(spec.index)
-    finally:
-        torch.set_num_threads(threads)
+    for spec in specs:
+        finished(run_one(spec, bar.event))
+        bar.run_done(spec.index)
 
 
 def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> None:
