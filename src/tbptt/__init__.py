@@ -20,7 +20,9 @@ from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
 from .models import RecurrentNet
+from .diagnostics import LagProfile, gradient_vs_lag, recommend_k2
 from .distributed import DistributedError, DistributedTrainer, init_from_env
+from .experiments import Comparison, compare
 from .fit import History
 from .trainer import NonFiniteError, Trainer, UpdateRecord
 
@@ -36,6 +38,11 @@ __all__ = [
     "DistributedTrainer",
     "DistributedError",
     "init_from_env",
+    "compare",
+    "Comparison",
+    "gradient_vs_lag",
+    "recommend_k2",
+    "LagProfile",
     "StreamEngine",
     "UpdateResult",
     "STRATEGIES",
