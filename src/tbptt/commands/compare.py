@@ -65,6 +65,11 @@ def register(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     p.add_argument("--out", default=None, help="report folder (default tbptt-report/TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="spread the runs over torchrun's ranks (implied when torchrun's environment is set); "
+                   "rank 0 writes the report")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="distributed: seconds a rank waits for the others' runs before the job fails (default 3600)")
     p.set_defaults(func=run)
 
 
@@ -87,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments.sweep import compare
 
     console = Console()
+    distributed = _join_ranks(args)
+    if distributed and torch_rank() != 0:
+        console = Console(quiet=True)
     try:
         options = task_options(args.task, args.task_option)
         comparison = compare(
@@ -94,12 +102,33 @@ def run(args: argparse.Namespace) -> int:
             hidden=args.hidden, cell=args.cell, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
             segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
             target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
-            progress=not args.no_progress, console=console,
+            progress=not args.no_progress, console=console, distributed=distributed,
         )
     except (TypeError, ValueError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         return 2
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     print_comparison(console, comparison)
     if comparison.interrupted:
         return 130
     return 1 if comparison.runs and all(r["status"] == "failed" for r in comparison.runs) else 0
+
+
+def _join_ranks(args: argparse.Namespace) -> bool:
+    """Join torchrun's process group when asked or when its environment is set."""
+    from .. import distributed as tdist
+
+    if not (getattr(args, "distributed", False) or tdist.in_torchrun_env()):
+        return False
+    tdist.init_from_env("gloo", timeout=args.timeout)  # the sweep only exchanges results
+    return True
+
+
+def torch_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0

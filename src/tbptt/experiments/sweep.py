@@ -113,6 +113,7 @@ def compare(
     out: Optional[Union[str, Path]] = None,
     progress: bool = True,
     console: Any = None,
+    distributed: bool = False,
 ) -> Comparison:
     """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..]"``) with each
     seed and summarise skill, stability and speed per configuration.
@@ -122,6 +123,12 @@ def compare(
     time-to-target (default: baseline + 90% of the best improvement seen). ``out``: the report
     folder (results.csv/json, runs.csv, PNGs, report.html), rewritten as runs finish. Ctrl-C stops
     the sweep, writes what finished and returns with ``interrupted=True``.
+
+    ``distributed``: spread the runs over the ranks of an initialised ``torch.distributed`` process
+    group (e.g. processes started by torchrun on several machines); each rank runs its share with
+    ``jobs`` local workers, rank 0 gathers every run and writes the report, every rank returns
+    the whole comparison. A run's result depends only on its seed, so the outcome equals a local
+    sweep's.
     """
     options = dict(epochs=epochs, strategy=strategy, hidden=hidden, cell=cell, lr=lr, optimizer=optimizer, clip=clip,
                    segment_length=segment_length, max_seconds=max_seconds,
@@ -132,8 +139,11 @@ def compare(
         jobs = mp.cpu_count()
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int (worker processes); got {jobs!r}")
-    jobs = min(jobs, len(specs))
-    out_path = Path(out) if out is not None else None
+    rank, world = _ranks(distributed)
+    # longest runs first, so that the last to finish is a short one (results keep spec order)
+    ordered = sorted(specs, key=lambda s: -estimated_cost(s, meta["train_steps"]))[rank::world]
+    jobs = max(1, min(jobs, len(ordered)))
+    out_path = Path(out) if out is not None and rank == 0 else None
     results: dict[int, Run] = {}
 
     def finished(run: Run) -> None:
@@ -144,10 +154,8 @@ def compare(
             write_results(out_path, {**meta, "target": used, "partial": len(done) < len(specs)}, rows, done)
 
     interrupted = False
-    with _Progress(progress, len(specs), epochs, console) as bar:
+    with _Progress(progress and rank == 0, len(ordered), epochs, console) as bar:
         try:
-            # longest runs first, so that the last to finish is a short one (results keep spec order)
-            ordered = sorted(specs, key=lambda s: -estimated_cost(s, meta["train_steps"]))
             if jobs == 1:
                 _run_here(ordered, bar, finished)
             else:
@@ -155,6 +163,8 @@ def compare(
         except KeyboardInterrupt:
             interrupted = True
 
+    if world > 1:
+        results, interrupted = _gather(results, interrupted)
     runs = [results[i] for i in sorted(results)]
     rows, used = summarize(runs, meta["baseline"], meta["higher_is_better"], target)
     meta = {**meta, "target": used, "interrupted": interrupted, "partial": len(runs) < len(specs)}
@@ -165,6 +175,31 @@ def compare(
         comparison.report = write_html(out_path, meta, rows, images, headline=summary_line(comparison))
         comparison.files = [out_path / n for n in ("results.json", "results.csv", "runs.csv")] + [p for _, p in images]
     return comparison
+
+
+def _ranks(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: launch with "
+            "torchrun and `tbptt compare --distributed`, or call torch.distributed.init_process_group first"
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(results: dict[int, Run], interrupted: bool) -> tuple[dict[int, Run], bool]:
+    """Every rank's finished runs, on every rank (the group's timeout bounds the wait)."""
+    import torch.distributed as dist
+
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (results, interrupted))
+    merged: dict[int, Run] = {}
+    for runs, _ in shares:
+        merged.update(runs)
+    return merged, any(flag for _, flag in shares)
 
 
 def _run_here(specs: list[RunSpec], bar: "_Progress", finished) -> None:
