@@ -144,3 +144,55 @@ def test_clipping_bounds_the_applied_gradient():
     assert record.grad_norm > 1e-3
     step = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), ref.parameters())))
     assert step.item() == pytest.approx(0.1 * 1e-3, rel=1e-4)  # lr * clipped norm
+
+
+def test_a_state_the_engine_cannot_see_into_is_named():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Carry:
+        h: torch.Tensor
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_model("lstm", 0)
+
+        def forward(self, x, state):
+            out, (h, c) = self.inner(x, None)
+            return out, Carry(h)
+
+    x, y = make_data(0, 2, 6)
+    with pytest.raises(TypeError, match="state holds a Carry"):
+        trainer_for(Model()).train_on(x, y)
+
+
+def test_a_refilled_input_buffer_does_not_change_training():
+    x, y = make_data(0, 2, 12)
+    fresh, reused = make_model("lstm", 0), make_model("lstm", 0)
+    a, b = trainer_for(fresh, tbptt.TBPTT(4, 4)), trainer_for(reused, tbptt.TBPTT(4, 4))
+    bx, by = torch.empty(2, 3, 3, dtype=x.dtype), torch.empty(2, 3, 2, dtype=y.dtype)
+    for t in range(0, 12, 3):
+        a.train_on(x[:, t : t + 3].clone(), y[:, t : t + 3].clone())
+        bx.copy_(x[:, t : t + 3])
+        by.copy_(y[:, t : t + 3])
+        b.train_on(bx, by)  # the same tensors, refilled: buffered steps must not change with them
+    for p, q in zip(fresh.parameters(), reused.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpointing_a_stored_strategy_is_refused():
+    model = make_model("lstm", 0)
+    with pytest.raises(ValueError, match="strategy='recompute' to checkpoint"):
+        tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=0.1), tbptt.TBPTT(2, 6),
+                      strategy="stored", checkpoint_segments=2)
+
+
+def test_non_finite_error_carries_the_records_applied_before_it():
+    model = make_model("lstm", 0)
+    trainer = trainer_for(model, tbptt.TBPTT(2, 2), nonfinite="raise")
+    x, y = make_data(0, 2, 8)
+    y[:, 5] = float("nan")
+    with pytest.raises(tbptt.NonFiniteError) as info:
+        trainer.train_on(x, y)
+    assert [r.stop for r in info.value.records] == [2, 4]

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def new_trainer(k1, k2, strategy, seed=0):
 
 
 class Dropout(torch.nn.Module):
-    """An LSTM with dropout on its outputs, so that resume must restore the RNG exactly."""
+    """An LSTM with dropout on its inputs and outputs: inside the recurrence, so a resume must
+    replay stored activations with the random draws they first had."""
 
     def __init__(self):
         super().__init__()
@@ -45,12 +47,14 @@ class Dropout(torch.nn.Module):
         self.drop = torch.nn.Dropout(0.3)
 
     def forward(self, x, state):
-        out, state = self.inner(x, state)
+        out, state = self.inner(self.drop(x), state)
         return self.drop(out), state
 
 
-@pytest.mark.parametrize("k1,k2,strategy", [(5, 5, "recompute"), (3, 8, "recompute"), (3, 8, "stored"), (7, 2, "stored")])
-def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path, k1, k2, strategy):
+@pytest.mark.parametrize("k1,k2,strategy,errors", [(5, 5, "recompute", "new"), (3, 8, "recompute", "new"),
+                                                   (3, 8, "stored", "new"), (3, 8, "stored", "window"),
+                                                   (7, 2, "stored", "new")])
+def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path, k1, k2, strategy, errors):
     x, y = make_data(1, 3, 60)
     data = (x, y)
     options = dict(epochs=3, valid=data, segment_length=k1 + 1)  # most calls end mid-block
@@ -60,7 +64,7 @@ def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path, k1,
         model = Dropout().double()
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
-        trainer = tbptt.Trainer(model, mse_steps, opt, tbptt.TBPTT(k1, k2), strategy=strategy)
+        trainer = tbptt.Trainer(model, mse_steps, opt, tbptt.TBPTT(k1, k2, errors), strategy=strategy)
         callbacks = [KillMidBlock(kill_at, path, k1)] if kill_at else []
         history = trainer.fit(data, scheduler=sched, callbacks=callbacks, checkpoint=path,
                               checkpoint_every=2, resume=resume, **options)
@@ -199,3 +203,78 @@ def test_fit_rejects_bad_options():
         trainer.fit(x)
     with pytest.raises(ValueError, match="segment_length"):
         trainer.fit((x, y), segment_length=0)
+
+
+def test_a_run_stopped_by_its_time_budget_resumes_inside_the_epoch(tmp_path):
+    x, y = make_data(2, 2, 40)
+
+    def run(**options):
+        torch.manual_seed(1)
+        trainer, _ = new_trainer(3, 6, "stored")
+        history = trainer.fit((x, y), epochs=2, valid=(x, y), segment_length=4, **options)
+        return trainer, history
+
+    whole, h_whole = run()
+    _, h_cut = run(max_seconds=0.0, checkpoint=tmp_path / "c.pt")
+    assert h_cut.stopped_by == "max_seconds" and h_cut.epochs[-1]["partial"]
+    resumed, h_resumed = run(checkpoint=tmp_path / "c.pt", resume=True)
+    assert len(h_resumed.updates) == len(h_whole.updates)
+    assert [e["epoch"] for e in h_resumed.epochs] == [1, 2] and not any(e.get("partial") for e in h_resumed.epochs)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_on_data_cut_differently_is_refused(tmp_path):
+    trainer, _ = new_trainer(4, 4, "recompute")
+    x, y = make_data(0, 2, 24)
+    trainer.fit((x, y), segment_length=5, checkpoint=tmp_path / "c.pt")
+    with pytest.raises(ckpt.CheckpointError, match="segment_length 5 and this run has 7"):
+        trainer.fit((x, y), segment_length=7, checkpoint=tmp_path / "c.pt", resume=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"steps 24 and this run has 20"):
+        trainer.fit((x[:, :20], y[:, :20]), segment_length=5, checkpoint=tmp_path / "c.pt", resume=True)
+
+
+def test_weights_made_non_finite_by_the_optimizer_end_the_run_as_diverged(tmp_path):
+    model = make_model("lstm", 0)
+    trainer = tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=1e308), tbptt.TBPTT(2, 2))
+    x, y = make_data(0, 2, 20)
+    history = trainer.fit((x, y), epochs=3, segment_length=2, checkpoint=tmp_path / "c.pt", checkpoint_every=1)
+    assert history.diverged and history.stopped_by == "diverged"
+    assert not (tmp_path / "c.pt").exists() or ckpt.finite(ckpt.load(tmp_path / "c.pt")["model"])
+
+
+def test_checkpoint_every_needs_calls_to_checkpoint_between(tmp_path):
+    trainer, _ = new_trainer(4, 4, "recompute")
+    x, y = make_data(0, 2, 12)
+    with pytest.raises(ValueError, match="checkpoint_every needs segment_length"):
+        trainer.fit((x, y), checkpoint=tmp_path / "c.pt", checkpoint_every=2)
+
+
+class Carry(NamedTuple):
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+class CarryModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = make_model("lstm", 0)
+
+    def forward(self, x, state):
+        out, (h, c) = self.inner(x, None if state is None else (state.h, state.c))
+        return out, Carry(h, c)
+
+
+def test_a_named_tuple_state_is_saved_and_loads_once_allowed(tmp_path):
+    model = CarryModel()
+    trainer = tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=0.1), tbptt.TBPTT(3, 3))
+    x, y = make_data(0, 2, 20)
+    trainer.train_on(x[:, :4], y[:, :4])
+    ckpt.save(trainer.state_dict(), tmp_path / "c.pt")
+    with pytest.raises(ckpt.CheckpointError, match="add_safe_globals"):
+        ckpt.load(tmp_path / "c.pt")
+    torch.serialization.add_safe_globals([Carry])
+    again = CarryModel()
+    other = tbptt.Trainer(again, mse_steps, torch.optim.SGD(again.parameters(), lr=0.1), tbptt.TBPTT(3, 3))
+    other.load_state_dict(ckpt.load(tmp_path / "c.pt"))
+    assert isinstance(other.engine._states[3], Carry) and other.position == 4

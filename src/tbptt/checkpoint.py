@@ -40,20 +40,21 @@ def set_rng_state(saved: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
-def _finite(tree: Any) -> bool:
+def finite(tree: Any) -> bool:
+    """Whether every floating tensor in a nesting of dicts, lists and tuples is finite."""
     if isinstance(tree, torch.Tensor):
         return bool(torch.isfinite(tree).all()) if tree.is_floating_point() else True
     if isinstance(tree, dict):
-        return all(_finite(v) for v in tree.values())
+        return all(finite(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
-        return all(_finite(v) for v in tree)
+        return all(finite(v) for v in tree)
     return True
 
 
 def save(payload: dict[str, Any], path: PathLike) -> Path:
     """Write ``payload`` atomically to ``path``; refuses non-finite model weights."""
     path = Path(path)
-    if not _finite(payload.get("model", {})):
+    if not finite(payload.get("model", {})):
         raise CheckpointError(f"refusing to save non-finite weights to {path}; the previous checkpoint is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -77,7 +78,19 @@ def load(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), None)
+        if refused is None:
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (UnpicklingError); it may be truncated or corrupt: "
+                "resume from an earlier checkpoint or start afresh"
+            ) from exc
+        # a class of the user's (a state as a NamedTuple, say) that safe loading will not rebuild
+        raise CheckpointError(
+            f"{path} holds a type that safe loading refuses ({refused}); allow it with "
+            "torch.serialization.add_safe_globals([TheClass]) before resuming"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(exc).__name__}); it may be truncated "
             "or corrupt: resume from an earlier checkpoint or start afresh"

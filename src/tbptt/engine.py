@@ -95,6 +95,11 @@ class StreamEngine:
         self._overlapping = strategy == "stored" and (
             schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
         )
+        if self._overlapping and checkpoint_segments is not None:
+            raise ValueError(
+                f"checkpoint_segments={checkpoint_segments!r} recomputes activations, which {schedule} with "
+                "strategy='stored' keeps by definition; use strategy='recompute' to checkpoint its windows"
+            )
         self.forward_steps = 0
         self.backward_steps = 0
         self.reset()
@@ -160,7 +165,7 @@ class StreamEngine:
         with torch.enable_grad():
             for seg in saved["segments"]:
                 self._segments.append(self._run_segment(seg["start"], seg["stop"], seg["in_state"],
-                                                        snapshots[seg["weights"]]))
+                                                        snapshots[seg["weights"]], seg["random"]))
         self.forward_steps = saved["forward_steps"]  # rebuilding is not new work
 
     # ------------------------------------------------------------------------------------------
@@ -189,6 +194,7 @@ class StreamEngine:
                 "the streams carry one state per row, so call reset_state() before changing B"
             )
         self._batch_size = batch
+        start = self.position
         self._steps.append(Steps(self.position, inputs, targets, mask, resets))
         self.position += inputs.shape[1]
         while True:
@@ -198,6 +204,9 @@ class StreamEngine:
             result = self._close_block(end)
             if result is not None:
                 yield result
+        # the steps still waiting for their block are copied out of the caller's tensors, which
+        # may be reused (a refilled buffer) or be much larger than what is kept
+        self._steps.own_from(start)
         if end_of_stream:
             yield from self.finish()
 
@@ -346,14 +355,30 @@ class StreamEngine:
         result = checkpoint(run, inputs, *[leaves[i] for i in where], use_reentrant=False)
         return result[0], pytree.tree_unflatten(list(result[1:]), out_spec[0])
 
-    def _run_segment(self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor]) -> Segment:
-        """Run steps [a, b) once under a weight snapshot, keeping the graph for later windows."""
+    def _run_segment(
+        self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor], replay: Optional[dict] = None
+    ) -> Segment:
+        """Run steps [a, b) once under a weight snapshot, keeping the graph for later windows.
+        ``replay``: the random state and mode of a segment to rebuild exactly as it first ran."""
         piece = self._steps.slice(a, b)
         in_state = st.detach_requiring_grad(prior)
         call_weights = {**weights, **dict(self.model.named_buffers())}
-        out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
+        devices = [piece.inputs.device] if piece.inputs.is_cuda else []
+        with torch.random.fork_rng(devices=devices, enabled=replay is not None):
+            if replay is not None:
+                torch.set_rng_state(replay["cpu"])
+                if devices:
+                    torch.cuda.set_rng_state(replay["cuda"], devices[0])
+            random = replay or {"cpu": torch.get_rng_state(), "training": self.model.training,
+                                **({"cuda": torch.cuda.get_rng_state(devices[0])} if devices else {})}
+            training = self.model.training
+            self.model.train(random["training"])
+            try:
+                out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
+            finally:
+                self.model.train(training)
         losses = step_losses(self.loss_fn, out, piece.targets, piece.mask)
-        return Segment(a, b, in_state, out_state, losses, piece.mask, weights)
+        return Segment(a, b, in_state, out_state, losses, piece.mask, weights, random)
 
     def _stored_block(self, update: Update) -> UpdateResult:
         previous, stop = self.previous, update.stop

@@ -140,7 +140,8 @@ def evaluate(
                 s, c = masked_sum(step_losses(trainer.engine.loss_fn, out, split.targets[:, a:b], mask), mask)
                 total += float(s)
                 count += float(c)
-                outputs.append(out)
+                if metric is not None:
+                    outputs.append(out)
     finally:
         trainer.model.train(was_training)
     result = {"loss": total / max(count, 1.0)}
@@ -185,44 +186,58 @@ def fit(
         raise ValueError(f"checkpoint_every must be a positive int (updates) or None; got {checkpoint_every!r}")
     if (checkpoint_every or resume) and checkpoint is None:
         raise ValueError("checkpoint_every and resume need a checkpoint path")
+    if checkpoint_every is not None and segment_length is None:
+        raise ValueError(
+            "checkpoint_every needs segment_length: checkpoints are taken between train_on calls, and "
+            "without segment_length an epoch is a single call"
+        )
     pieces = _pieces(split, segment_length)
     history = History()
+    steps = int(split.inputs.shape[1])  # rows may be shared out over ranks; the time axis may not change
     progress_state: dict[str, Any] = {"epoch": 0, "piece": 0, "best": math.inf, "bad_epochs": 0,
-                                      "elapsed": 0.0, "epoch_first_update": 0}
+                                      "elapsed": 0.0, "epoch_first_update": 0,
+                                      "segment_length": segment_length, "steps": steps}
     best_weights: Optional[dict] = None
 
-    def save() -> None:
+    def save() -> bool:
+        """Write the checkpoint; False (and nothing written) if the weights are not finite."""
         assert checkpoint is not None
+        state = trainer.state_dict()
+        if not ckpt.finite(state["model"]):
+            history.diverged, history.stopped_by = True, history.stopped_by or "diverged"
+            return False
         trainer.save_checkpoint({
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
+            **state,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": ckpt.rng_state(),
-            "engine": trainer.engine.state_dict(),
-            "trainer": {"updates_applied": trainer.updates_applied, "updates_skipped": trainer.updates_skipped},
             "fit": {**progress_state, "elapsed": progress_state["elapsed"] + time.perf_counter() - started},
             "history": history.state(),
             "best_weights": best_weights,
         }, checkpoint)
+        return True
 
     if resume and checkpoint is not None and Path(checkpoint).exists():
         saved = trainer.load_checkpoint(checkpoint)
         ckpt.check_model(saved["model"], trainer.model, checkpoint)
-        trainer.model.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None and saved["scheduler"] is not None:
-            scheduler.load_state_dict(saved["scheduler"])
+        for key, mine in (("segment_length", segment_length), ("steps", steps)):
+            if saved["fit"].get(key) != mine:
+                raise ckpt.CheckpointError(
+                    f"{checkpoint} was written with {key} {saved['fit'].get(key)} and this run has {mine}; "
+                    "resume on the same data cut the same way, or start afresh"
+                )
         try:
-            trainer.engine.load_state_dict(saved["engine"])
+            trainer.load_state_dict(saved)
         except ValueError as exc:
             raise ckpt.CheckpointError(f"{checkpoint}: {exc}") from exc
-        trainer.updates_applied = saved["trainer"]["updates_applied"]
-        trainer.updates_skipped = saved["trainer"]["updates_skipped"]
+        if scheduler is not None and saved["scheduler"] is not None:
+            scheduler.load_state_dict(saved["scheduler"])
         progress_state.update(saved["fit"])
         history = History.from_state(saved["history"])
+        history.epochs = [e for e in history.epochs if not e.get("partial")]  # that epoch goes on now
+        history.stopped_by = ""
         best_weights = saved["best_weights"]
         ckpt.set_rng_state(saved["rng"])
-    elif progress_state["piece"] == 0:
+    else:
         trainer.reset_state(flush=False)
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -241,6 +256,7 @@ def fit(
 
             bar = tqdm(total=len(pieces), initial=progress_state["piece"], desc=f"epoch {epoch + 1}/{epochs}",
                        leave=False, file=sys.stderr)
+        out_of_time = False
         while progress_state["piece"] < len(pieces):
             i = progress_state["piece"]
             a, b = pieces[i]
@@ -261,16 +277,14 @@ def fit(
                 if records:
                     bar.set_postfix(loss=f"{records[-1].loss:.4g}")
             if checkpoint_every is not None and since_save >= checkpoint_every and not last:
-                save()
                 since_save = 0
+                if not save():
+                    break
             if max_seconds is not None and progress_state["elapsed"] + time.perf_counter() - started > max_seconds:
-                history.stopped_by = "max_seconds"
-                stop = True
+                history.stopped_by, stop, out_of_time = "max_seconds", True, not last
                 break
         if bar is not None:
             bar.close()
-        if stop and progress_state["piece"] < len(pieces):
-            trainer.reset_state(flush=False)
         records = history.updates[first_update:]
         applied = [r for r in records if not r.skipped]
         info: dict[str, Any] = {
@@ -284,6 +298,10 @@ def fit(
             "backward_steps": trainer.engine.backward_steps,
             "lr": trainer.optimizer.param_groups[0]["lr"],
         }
+        if out_of_time:
+            # stopped inside the epoch: reported as partial; the streams stay open, so that a
+            # resume from the checkpoint goes on with the rest of this epoch
+            info["partial"] = True
         if valid_split is not None:
             result = evaluate(trainer, valid_split, metric, segment_length)
             info["valid_loss"] = result["loss"]
@@ -295,26 +313,27 @@ def fit(
         info["epoch_time"] = time.perf_counter() - epoch_started
         info["wall_time"] = progress_state["elapsed"] + time.perf_counter() - started
         history.epochs.append(info)
-        if scheduler is not None and scheduler_interval == "epoch":
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(monitored)
+        if not out_of_time:
+            progress_state["epoch"], progress_state["piece"] = epoch + 1, 0
+            if scheduler is not None and scheduler_interval == "epoch":
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(monitored)
+                else:
+                    scheduler.step()
+            if math.isfinite(monitored) and monitored < progress_state["best"]:
+                progress_state["best"], progress_state["bad_epochs"] = monitored, 0
+                history.best_epoch = epoch + 1
+                if restore_best:
+                    best_weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
             else:
-                scheduler.step()
-        if math.isfinite(monitored) and monitored < progress_state["best"]:
-            progress_state["best"], progress_state["bad_epochs"] = monitored, 0
-            history.best_epoch = epoch + 1
-            if restore_best:
-                best_weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        else:
-            progress_state["bad_epochs"] += 1
-            if patience is not None and progress_state["bad_epochs"] >= patience:
-                history.stopped_early, history.stopped_by, stop = True, "patience", True
+                progress_state["bad_epochs"] += 1
+                if patience is not None and progress_state["bad_epochs"] >= patience:
+                    history.stopped_early, history.stopped_by, stop = True, "patience", True
         for cb in callbacks:
             if hasattr(cb, "on_epoch_end") and cb.on_epoch_end(trainer, info):
                 history.stopped_by, stop = history.stopped_by or "callback", True
         if history.diverged:
             history.stopped_by, stop = history.stopped_by or "diverged", True
-        progress_state["epoch"], progress_state["piece"] = epoch + 1, 0
         if log is not None:
             history.write(log)
         if checkpoint is not None and not history.diverged:

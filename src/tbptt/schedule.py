@@ -10,6 +10,7 @@ References: Williams & Peng (1990), BPTT(h; h'); Sutskever (2013), TBPTT(k1, k2)
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -39,19 +40,31 @@ class Update:
         return self.stop - self.loss_start
 
 
+def _as_int(value: object) -> Optional[int]:
+    """``value`` as an int if it is an integer of any kind (numpy's included), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _check_k(name: str, value: object) -> Optional[int]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if _as_int(value) is None:
         raise TypeError(
             f"{name} must be a positive int or None (meaning n, the whole stream); "
             f"got {value!r} of type {type(value).__name__}"
         )
-    if value < 1:
+    number = _as_int(value)
+    assert number is not None
+    if number < 1:
         raise ValueError(
             f"{name} must be a positive int or None (meaning n, the whole stream); got {value}"
         )
-    return value
+    return number
 
 
 @dataclass(frozen=True)
@@ -71,8 +84,9 @@ class TBPTT:
     errors: Errors = "new"
 
     def __post_init__(self) -> None:
-        _check_k("k1", self.k1)
-        _check_k("k2", self.k2)
+        # stored as plain ints, so that numpy integers compare, hash and print alike
+        object.__setattr__(self, "k1", _check_k("k1", self.k1))
+        object.__setattr__(self, "k2", _check_k("k2", self.k2))
         if self.errors not in _ERRORS:
             raise ValueError(f"errors must be one of {_ERRORS}; got {self.errors!r}")
 
@@ -100,6 +114,8 @@ class TBPTT:
         if body.upper().startswith("TBPTT(") and body.endswith(")"):
             body = body[6:-1]
         parts = [p.strip() for p in body.split(",")]
+        if len(parts) == 3 and parts[2].startswith("errors="):  # as str() writes it
+            errors = parts.pop()[len("errors="):]  # type: ignore[assignment]
         if len(parts) != 2:
             raise ValueError(f"expected a configuration like '5,20' or 'n,n'; got {text!r}")
         ks: list[Optional[int]] = []
@@ -152,8 +168,12 @@ class TBPTT:
 
     def updates(self, n: int) -> list[Update]:
         """Every update on a stream of ``n`` steps, in order."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        number = _as_int(n)
+        if number is None:
+            raise TypeError(f"n must be a non-negative int (the stream length); got {n!r} of type {type(n).__name__}")
+        if number < 0:
             raise ValueError(f"n must be a non-negative int (the stream length); got {n!r}")
+        n = number
         out: list[Update] = []
         previous = 0
         while previous < n:

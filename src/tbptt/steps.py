@@ -107,6 +107,13 @@ class StepBuffer:
         return Steps(start, torch.cat([p.inputs for p in parts], dim=1),
                      torch.cat([p.targets for p in parts], dim=1), cat("mask", True), cat("resets", False))
 
+    def own_from(self, position: int) -> None:
+        """Replace the buffered steps from ``position`` on by copies of their own."""
+        copy = lambda t: None if t is None else t.clone()  # noqa: E731
+        self.parts = [p if p.stop <= position else
+                      Steps(p.start, copy(p.inputs), copy(p.targets), copy(p.mask), copy(p.resets))
+                      for p in self.parts]
+
     def resets_between(self, start: int, stop: int) -> list[int]:
         """Positions strictly inside ``(start, stop)`` where a row resets."""
         return sorted(p for p in self.resets_at if start < p < stop)
@@ -124,10 +131,7 @@ class StepBuffer:
         self.resets_at = {p for p in self.resets_at if p >= position}
 
     def state_dict(self) -> list[tuple]:
-        """Compact copies: a buffered slice is a view of the caller's whole tensor, which saving
-        as it is would write out in full."""
-        copy = lambda t: None if t is None else t.clone()  # noqa: E731
-        return [(p.start, copy(p.inputs), copy(p.targets), copy(p.mask), copy(p.resets)) for p in self.parts]
+        return [(p.start, p.inputs, p.targets, p.mask, p.resets) for p in self.parts]
 
     def load_state_dict(self, saved: list[tuple]) -> None:
         self.parts, self.resets_at = [], set()

@@ -29,6 +29,7 @@ class Segment:
     step_losses: torch.Tensor  # [B, stop - start], with graph
     mask: Optional[torch.Tensor]
     weights: dict[str, torch.Tensor]  # the snapshot of the block's weights this segment used
+    random: dict  # the random generators' states and the model's mode when the segment ran
 
 
 def window_gradient(
@@ -76,8 +77,9 @@ def window_gradient(
 
 
 def describe(segments: list[Segment]) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
-    """What rebuilds the segments: the distinct weight snapshots, and per segment its steps,
-    its entering state and which snapshot it used. A graph is not saved; it is recomputed."""
+    """What rebuilds the segments: the distinct weight snapshots, and per segment its steps, its
+    entering state, which snapshot it used and the random state and mode it ran in (dropout
+    draws the same masks again). A graph is not saved; it is recomputed."""
     snapshots: list[dict[str, torch.Tensor]] = []
     index: dict[int, int] = {}
     entries = []
@@ -86,5 +88,5 @@ def describe(segments: list[Segment]) -> tuple[list[dict[str, torch.Tensor]], li
             index[id(seg.weights)] = len(snapshots)
             snapshots.append({n: w.detach() for n, w in seg.weights.items()})
         entries.append({"start": seg.start, "stop": seg.stop, "in_state": st.detach(seg.in_state),
-                        "weights": index[id(seg.weights)]})
+                        "weights": index[id(seg.weights)], "random": seg.random})
     return snapshots, entries

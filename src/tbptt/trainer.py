@@ -46,6 +46,8 @@ class UpdateRecord:
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient, raised when the trainer is told to stop on one."""
 
+    records: list = []
+
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all gradients together (0 if there are none)."""
@@ -90,7 +92,7 @@ class Trainer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if clip_grad_norm is not None and not (
-            isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0
+            isinstance(clip_grad_norm, (int, float)) and not isinstance(clip_grad_norm, bool) and clip_grad_norm > 0
         ):
             raise ValueError(f"clip_grad_norm must be a positive number or None; got {clip_grad_norm!r}")
         if nonfinite not in ("skip", "raise"):
@@ -137,14 +139,41 @@ class Trainer:
         update's loss is the mean over its valid steps. ``resets[B, T]`` marks where a new sequence
         starts in a row (its state is reset there; no gradient crosses). ``end_of_stream=True``
         ends the streams after this data, as ``reset_state()`` does.
+
+        The model is put in training mode. Padding under a mask may hold anything in the targets;
+        the inputs of padded steps must be finite, since other rows' gradients pass through them.
+        With ``nonfinite="raise"``, the ``NonFiniteError`` carries the records of the updates this
+        call applied before it (``error.records``); the streams stay open where they stood.
         """
         self.model.train()
         records: list[UpdateRecord] = []
         started = time.perf_counter()
-        for result in self.engine.feed(inputs, targets, mask, end_of_stream, resets):
-            records.append(self._apply(result, started))
-            started = time.perf_counter()
+        try:
+            for result in self.engine.feed(inputs, targets, mask, end_of_stream, resets):
+                records.append(self._apply(result, started))
+                started = time.perf_counter()
+        except NonFiniteError as error:
+            error.records = records
+            raise
         return records
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training where it stands: the model, the optimizer, the
+        streams (position, carried states, the open block) and the update counters."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.state_dict(),
+            "trainer": {"updates_applied": self.updates_applied, "updates_skipped": self.updates_skipped},
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue from ``state_dict()``: the same schedule and strategy are required."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.engine.load_state_dict(saved["engine"])
+        self.updates_applied = saved["trainer"]["updates_applied"]
+        self.updates_skipped = saved["trainer"]["updates_skipped"]
 
     def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> "History":
         """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
