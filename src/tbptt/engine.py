@@ -307,8 +307,10 @@ class StreamEngine:
         previous, start, stop = self.previous, update.start, update.stop
         first = min(start, previous)
         saved = self.schedule.saved_state_position(previous)
-        # no cut at P when the window starts before it: the state there is known already, and
-        # every extra call costs a fused kernel's fixed overhead
+        # no cut at P when the window starts before it: the state there is kept already (also when
+        # a later window starts there), and every extra call costs a fused kernel's fixed overhead
+        if saved is not None and saved <= previous:
+            saved = None
         cuts = self._cuts(first, stop, start, saved, *self._checkpoint_cuts(start, stop))
         state = self._states[first]
         window_outputs: list[torch.Tensor] = []
