@@ -136,6 +136,15 @@ def ranks(rank, port, out):
         trainer.check_consistency()
     except tdist.DistributedError as exc:
         result["drift"] = str(exc)
+    # a callback stops rank 1 after its first epoch: rank 0 stops there too, in step, no waiting
+    class StopRankOne:
+        def on_epoch_end(self, trainer, info):
+            return rank == 1 and info["epoch"] == 1
+
+    trainer = new_trainer(4, 4, "recompute", tdist.DistributedTrainer)
+    history = trainer.fit(trainer.shard(data()), epochs=3, segment_length=5, progress=False,
+                          callbacks=[StopRankOne()])
+    result["stopped"] = (len(history.epochs), history.stopped_by)
     # rank 1 stalls past a group's timeout: rank 0 stops with an error instead of waiting
     short = dist.new_group([0, 1], timeout=timedelta(seconds=2))
     if rank == 1:
@@ -316,3 +325,8 @@ def test_a_trainer_needs_a_process_group_and_torchrun_env(monkeypatch):
         tdist.init_from_env(timeout=0)
     with pytest.raises(tdist.DistributedError, match="needs an initialised process group"):
         new_trainer(4, 4, "recompute", tdist.DistributedTrainer)
+
+
+def test_a_rank_that_stops_stops_them_all_at_the_same_epoch(job):
+    assert results(job, 1)["stopped"] == (1, "callback")
+    assert results(job, 0)["stopped"] == (1, "another process")

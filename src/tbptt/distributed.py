@@ -149,11 +149,6 @@ class DistributedTrainer(Trainer):
         """``Trainer.fit`` on this rank's rows (``train``), with the whole ``valid`` split on every
         rank. Ranks are first checked to agree on everything that decides when they communicate;
         only rank 0 writes the log, shows progress and writes checkpoints."""
-        if options.get("max_seconds") is not None:
-            raise ValueError(
-                "max_seconds is not supported by DistributedTrainer.fit: each rank's clock would stop it "
-                "at a different update and the others would wait for it; bound the run with epochs"
-            )
         split = as_split(train, "train")
         self._rows = split.inputs.shape[0]
         checkpoint = options.get("checkpoint")
@@ -257,6 +252,13 @@ class DistributedTrainer(Trainer):
                     "every rank must train on the same number of steps with the same settings and "
                     "validate on the same split"
                 )
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Every rank stops if any rank wants to (its clock ran out, a callback said so, its
+        validation diverged), so that no rank waits for an update the others will not make."""
+        flag = torch.tensor([1.0 if stop else 0.0], device=self._device())
+        self._collective(dist.all_reduce, flag, dist.ReduceOp.MAX, what="agreeing whether to stop")
+        return bool(flag.item())
 
     def _collective(self, op: Any, *args: Any, what: str, **kwargs: Any) -> None:
         try:

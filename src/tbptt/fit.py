@@ -280,7 +280,9 @@ def fit(
                 since_save = 0
                 if not save():
                     break
-            if max_seconds is not None and progress_state["elapsed"] + time.perf_counter() - started > max_seconds:
+            if max_seconds is not None and trainer.agree_to_stop(
+                progress_state["elapsed"] + time.perf_counter() - started > max_seconds
+            ):
                 history.stopped_by, stop, out_of_time = "max_seconds", True, not last
                 break
         if bar is not None:
@@ -334,6 +336,8 @@ def fit(
                 history.stopped_by, stop = history.stopped_by or "callback", True
         if history.diverged:
             history.stopped_by, stop = history.stopped_by or "diverged", True
+        if trainer.agree_to_stop(stop) and not stop:
+            history.stopped_by, stop = "another process", True
         if log is not None:
             history.write(log)
         if checkpoint is not None and not history.diverged:

@@ -198,6 +198,11 @@ class Trainer:
 
         return evaluate(self, data, metric, segment_length)
 
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Whether training stops, given this process's wish; data-parallel training overrides it so
+        that every rank stops if any does (at the same update)."""
+        return stop
+
     def save_checkpoint(self, payload: dict, path: Any) -> None:
         """Write ``fit``'s checkpoint (atomically; see ``tbptt.checkpoint``)."""
         from . import checkpoint
