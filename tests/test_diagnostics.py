@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tbptt import diagnostics as dg
+from tbptt import TBPTT, diagnostics as dg, truncated_gradients
 from _models import LSTMHead, GRUCellLoop
 
 
@@ -94,16 +94,41 @@ def test_spectral_radius_above_one_is_flagged_exploding():
     assert profile.recommend_k2() is None
 
 
-def test_recommend_k2_is_the_smallest_lag_whose_tail_is_below_the_fraction():
-    norms = [1.0, 0.5, 0.25, 0.01, 0.001]  # total 1.761: tail after 3 is 0.011 <= 0.01761 < 0.261
-    assert dg.recommend_k2(norms, 0.01) == 3
-    assert dg.recommend_k2(norms, 0.2) == 2  # tail after 2 is 0.261 <= 0.3522
+def test_recommend_k2_is_the_smallest_window_whose_dropped_lags_are_below_the_fraction():
+    # a window of k2 steps keeps lags 1..k2-1 (the state entering it is a constant): it drops norms[k2-1:]
+    norms = [1.0, 0.5, 0.25, 0.01, 0.001]  # total 1.761: dropped from k2 = 4 on is 0.011 <= 0.01761 < 0.261
+    assert dg.recommend_k2(norms, 0.01) == 4
+    assert dg.recommend_k2(norms, 0.2) == 3  # k2 = 3 drops 0.261 <= 0.3522; k2 = 2 drops 0.761
     assert dg.recommend_k2(norms, 0.0005) is None  # the last lag alone is 0.001 > 0.00088: look further
+    assert dg.recommend_k2([1.0, 0.0], 0.01) == 2  # only lag 1 carries gradient: a 2-step window holds it
     geometric = [0.7**t for t in range(1, 41)]
     k = dg.recommend_k2(geometric, 0.01)
-    assert sum(geometric[k:]) <= 0.01 * sum(geometric) < sum(geometric[k - 1 :])
+    assert sum(geometric[k - 1 :]) <= 0.01 * sum(geometric) < sum(geometric[k - 2 :])
     with pytest.raises(ValueError, match="fraction"):
         dg.recommend_k2(norms, 1.5)
+
+
+def flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for _, g in sorted(grads.items())])
+
+
+def test_recommended_k2_truncates_no_more_than_the_fraction_of_a_real_gradient():
+    # a nilpotent A (a scaled shift, A^3 = 0): the state carries gradient back two lags and no further
+    shift = np.diag([0.9, 0.8], k=-1)
+    model = LinearRNN(shift, seed=4)
+    x, y = data(batch=2, steps=30, seed=5)
+    fraction = 0.01
+    profile = dg.gradient_vs_lag(model, x, targets=y, loss_fn=half_squared_error, max_lag=6)
+    assert profile.norms[1] > 0 and profile.norms[2:] == [0.0] * 4
+    k2 = profile.recommend_k2(fraction)
+    assert k2 == 3
+
+    def total(k2_):
+        return sum(flat(g) for g in truncated_gradients(model, half_squared_error, x, y, TBPTT(1, k2_)))
+
+    full = total(None)
+    assert float((total(k2) - full).norm()) <= fraction * float(full.norm())
+    assert float((total(k2 - 1) - full).norm()) > fraction * float(full.norm())
 
 
 def test_probe_concatenates_lstm_state_leaves_and_handles_tuple_states():

@@ -2,9 +2,10 @@
 
 The lag probe answers "how large must k2 be?" for a given model: it measures the norm of
 d l_t / d s_{t - tau}, the derivative of the error at step t with respect to the recurrent state
-tau steps earlier, averaged over t. Truncating the backward pass at k2 steps drops every term with
-tau >= k2 (Williams & Peng, 1990; the truncation bias of Tallec & Ollivier, 2017), so the lag at
-which this curve has spent its mass is the k2 the model needs.
+tau steps earlier, averaged over t. A backward pass truncated to a window of k2 steps keeps the lags
+0..k2-1 and drops every term with tau >= k2 (Williams & Peng, 1990; the truncation bias of Tallec &
+Ollivier, 2017), so the k2 the model needs is one more than the lag by which this curve has spent
+its mass.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ def growth_rate(curve: Union[LagProfile, Sequence[float]]) -> float:
 
 
 def recommend_k2(curve: Union[LagProfile, Sequence[float]], fraction: float = 0.01) -> Optional[int]:
-    """The smallest k2 such that lags beyond it carry at most ``fraction`` of the gradient's signal.
+    """The smallest k2 whose truncation drops at most ``fraction`` of the gradient's signal.
 
-    With ``norms[tau - 1]`` the mean norm at lag tau = 1..L, this is the smallest k with
-    ``sum(norms[k:]) <= fraction * sum(norms)``: a window of k steps keeps the lags 1..k and loses a
-    tail worth at most ``fraction`` of the measured mass. Returns None when the curve cannot tell:
-    the gradient is exploding, or the last measured lag alone carries more than ``fraction`` of the
-    mass (the answer lies past L; measure more lags).
+    With ``norms[tau - 1]`` the mean norm at lag tau = 1..L: a window of k2 steps ending at step t
+    reaches the states s_t .. s_{t-k2+1}, so it keeps the lags 0..k2-1 and drops every lag
+    tau >= k2 (the state entering the window is a constant). The answer is the smallest k2 with
+    ``sum(norms[k2 - 1:]) <= fraction * sum(norms)``, at least 2 (one step keeps no lag at all).
+    Returns None when the curve cannot tell: the gradient is exploding, or the last measured lag
+    alone carries more than ``fraction`` of the mass (the answer lies past L; measure more lags).
     """
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise ValueError(f"fraction must be a number in (0, 1), e.g. 0.01; got {fraction!r}")
@@ -89,10 +91,8 @@ def recommend_k2(curve: Union[LagProfile, Sequence[float]], fraction: float = 0.
     total = sum(norms)
     if exploding or total == 0.0 or norms[-1] > fraction * total:
         return None
-    for k in range(1, len(norms)):
-        if sum(norms[k:]) <= fraction * total:
-            return k
-    return len(norms)
+    # k2 = len(norms) always qualifies here: it drops the last lag alone
+    return next(k2 for k2 in range(2, len(norms) + 1) if sum(norms[k2 - 1 :]) <= fraction * total)
 
 
 def _row_norms_squared(grads: Sequence[Optional[torch.Tensor]], leaves: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
