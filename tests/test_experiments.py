@@ -174,3 +174,23 @@ def test_graph_memory_counts_each_saved_storage_once_until_freed():
     c.backward()  # frees the graph
     del b, c
     assert meter.current == 0 and meter.peak == 4000
+
+
+def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
+    import tracemalloc
+
+    n = 20_000  # TBPTT(1,1) has n updates: the whole grid would be n * n = 400 MB
+    tracemalloc.start()
+    try:
+        lines = [t.plain for t in timeline.render_timeline(TBPTT(1, 1), n, width=50, max_rows=10).renderables]
+        timeline.plot_schedule(TBPTT(1, 1), n, path=tmp_path / "long.png", max_rows=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 30 * 2**20
+    rows = [line.split(maxsplit=1)[1] for line in lines if line.startswith("T=")]
+    # 400 steps per column: update T = t injects step t - 1, in column (t - 1) // 400
+    assert rows[0] == "█" + "·" * 49 and rows[-1] == "·" * 49 + "█"
+    assert any(f"{n - 9} more updates" in line for line in lines)
+    with pytest.raises(ValueError, match="width"):
+        timeline.render_timeline(TBPTT(2, 5), 10, width=0)

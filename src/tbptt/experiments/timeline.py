@@ -1,7 +1,8 @@
 """Drawing a TBPTT(k1, k2) schedule: which steps each update advances, backpropagates and injects.
 
-Every picture here is derived from one grid, ``schedule_grid(schedule, n)``, itself read off
-``schedule.updates(n)``: one row per update, one column per stream step, each cell one of
+Every picture here is read off ``schedule.updates(n)`` as one grid, ``schedule_grid(schedule, n)``:
+one row per update, one column per stream step (long streams: the rows shown only, a column per
+bin of steps, showing the strongest kind in it), each cell one of
 
 - ``OUTSIDE``: the update does not touch the step;
 - ``ADVANCE``: a step of the update's block before its window (k1 > k2): run forward only;
@@ -33,13 +34,21 @@ def schedule_grid(schedule: TBPTT, n: int) -> np.ndarray:
     if not isinstance(schedule, TBPTT):
         raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
     updates = schedule.updates(n)
-    grid = np.full((len(updates), n), OUTSIDE, dtype=np.int8)
-    previous = 0
-    for row, u in enumerate(updates):
-        grid[row, previous : u.start] = ADVANCE
-        grid[row, u.start : u.loss_start] = WINDOW
-        grid[row, u.loss_start : u.stop] = ERROR
-        previous = u.stop
+    return _rows(updates, range(len(updates)), n, 1)
+
+
+def _rows(updates: list, rows, n: int, steps_per_column: int) -> np.ndarray:
+    """The grid's ``rows`` only, each column covering ``steps_per_column`` steps and showing the
+    strongest kind among them: what a long stream's drawing needs, without the whole grid."""
+    columns = math.ceil(n / steps_per_column)
+    grid = np.full((len(rows), columns), OUTSIDE, dtype=np.int8)
+    for line, row in zip(grid, rows):
+        u = updates[row]
+        previous = updates[row - 1].stop if row > 0 else 0
+        for kind, a, b in ((ADVANCE, previous, u.start), (WINDOW, u.start, u.loss_start), (ERROR, u.loss_start, u.stop)):
+            if b > a:
+                cells = line[a // steps_per_column : (b - 1) // steps_per_column + 1]
+                np.maximum(cells, kind, out=cells)
     return grid
 
 
@@ -67,16 +76,22 @@ def _shown_rows(count: int, max_rows: int) -> list[Optional[int]]:
 
 
 def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 30) -> Group:
-    """A terminal timeline: one line per update, one character per step (or per bin of steps)."""
-    grid = schedule_grid(schedule, n)
+    """A terminal timeline: one line per update, one character per step (or per bin of steps).
+    Only the lines shown are built, so a long stream costs ``max_rows`` lines of ``width`` cells."""
+    if not isinstance(schedule, TBPTT):
+        raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive number of columns; got {width!r}")
     updates = schedule.updates(n)
     per = _bins(n, width)
-    cells = binned_grid(grid, per)
+    shown = _shown_rows(len(updates), max_rows)
+    cells = iter(_rows(updates, [r for r in shown if r is not None], n, per))
+    columns = math.ceil(n / per)
     label_width = len(f"T={n}") + 1
     lines: list[Text] = []
     scale = f"1 column = {per} steps" if per > 1 else "1 column = 1 step"
     lines.append(Text(f"{schedule} on n={n} steps ({scale})", style="bold"))
-    ruler = "".join("|" if (c * per) % (10 * per) == 0 else " " for c in range(cells.shape[1]))
+    ruler = "".join("|" if (c * per) % (10 * per) == 0 else " " for c in range(columns))
     lines.append(Text(" " * label_width + ruler, style="dim"))
     for row in _shown_rows(len(updates), max_rows):
         if row is None:
@@ -84,7 +99,7 @@ def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 3
             lines.append(Text(f"{'':{label_width}}... {skipped} more updates ...", style="dim"))
             continue
         line = Text(f"{'T=' + str(updates[row].stop):<{label_width}}")
-        for kind in cells[row]:
+        for kind in next(cells):
             glyph, style = _GLYPHS[int(kind)]
             line.append(glyph, style=style)
         lines.append(line)
@@ -121,8 +136,10 @@ def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = No
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    grid = schedule_grid(schedule, n)
-    shown = grid[:max_rows]
+    if not isinstance(schedule, TBPTT):
+        raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
+    all_updates = schedule.updates(n)
+    shown = _rows(all_updates, range(min(max_rows, len(all_updates))), n, 1)
     rows = max(1, shown.shape[0])
     fig = Figure(figsize=(min(12.0, 6.0 + 0.08 * n), min(8.0, 2.0 + 0.25 * rows)), dpi=100)
     ax = fig.add_subplot()
@@ -130,11 +147,11 @@ def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = No
     norm = BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], cmap.N)
     ax.imshow(shown if shown.size else np.zeros((1, max(n, 1)), dtype=np.int8), cmap=cmap, norm=norm,
               aspect="auto", interpolation="nearest", extent=(0, max(n, 1), rows, 0))
-    updates = schedule.updates(n)[:max_rows]
+    updates = all_updates[:max_rows]
     ax.set_yticks([r + 0.5 for r in range(len(updates))])
     ax.set_yticklabels([f"T={u.stop}" for u in updates], fontsize=7)
     ax.set_xlabel("stream step")
-    more = f" (first {max_rows} of {grid.shape[0]} updates)" if grid.shape[0] > max_rows else ""
+    more = f" (first {max_rows} of {len(all_updates)} updates)" if len(all_updates) > max_rows else ""
     cost = schedule.cost(n)
     ax.set_title(
         f"{schedule}, n={n}{more}\nforward {cost['forward_stored']} (stored) / "
