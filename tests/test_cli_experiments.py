@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from tbptt import TBPTT
 from tbptt.cli import main
@@ -34,6 +36,67 @@ def test_schedule_command_prints_the_timeline_and_the_cost(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["schedule", "0", "5"]) == 2
     assert "k1 must be a positive int" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_schedule_takes_k1_k2_as_one_argument_and_creates_the_png_folder(tmp_path, capsys):
+    png = tmp_path / "new" / "folder" / "s.png"
+    assert main(["schedule", "2,5", "--n", "10", "--width", "40", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "TBPTT(2,5) on n=10" in out and "T=6  ·░░░██····" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["schedule", "3"]) == 2
+    assert "K1 K2 or K1,K2" in " ".join(capsys.readouterr().err.split())
+    assert main(["schedule", "2", "5", "--width", "0"]) == 2
+    assert "--width must be a positive" in " ".join(capsys.readouterr().err.split())
+
+
+def test_boolean_task_options_are_read_as_booleans_by_one_helper():
+    from tbptt.commands import compare, probe, train
+
+    assert compare.task_options("co2", ["difference=false"]) == {"difference": False}
+    assert compare.task_options("sunspots", ["difference=True", "batch_size=2"]) == {"difference": True,
+                                                                                    "batch_size": 2}
+    with pytest.raises(ValueError, match="difference takes true or false"):
+        compare.task_options("co2", ["difference=maybe"])
+    assert probe.load_task is compare.load_task and train.load_task is compare.load_task
+
+
+TINY_ECHO = ["--task", "echo", "--task-option", "steps=20", "--task-option", "eval_steps=12", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["probe", *TINY_ECHO, "--max-lag", "4", "--fraction", "2"], r"--fraction must be a number in \(0, 1\)"),
+    (["probe", *TINY_ECHO, "--max-lag", "4", "--fraction", "0"], r"--fraction must be a number in \(0, 1\)"),
+    (["probe", *TINY_ECHO, "--positions", "0"], "--positions must be a positive int"),
+    (["probe", *TINY_ECHO, "--clip", "-1"], "--clip must be a number >= 0"),
+    (["probe", *TINY_ECHO, "--epochs", "0"], "--epochs must be a positive int"),
+    (["probe", *TINY_ECHO, "--rows", "0"], "--rows must be a positive int"),
+    (["probe", *TINY_ECHO, "--max-lag", "0"], "--max-lag must be a positive int"),
+    (["probe", "--task", "text"], "pass --task-option path=FILE"),
+    (["probe", "--task", "text", "--task-option", "path=/no/such/file.txt"], "cannot read /no/such/file.txt"),
+    (["demo", "--seeds", "0"], "--seeds must be a positive int"),
+    (["demo", "--jobs", "0"], "--jobs must be a positive int"),
+    (["compare", *TINY_ECHO, "--config", "5,5", "--clip", "-1"], "--clip must be a number >= 0"),
+    (["compare", *TINY_ECHO, "--config", "5,5", "--hidden", "0"], "--hidden must be a positive int"),
+    (["compare", *TINY_ECHO, "--config", "5,5", "--segment-length", "0"], "segment_length must be a positive int"),
+    (["compare", *TINY_ECHO, "--config", "5,5", "--max-seconds", "-1"], "max_seconds must be a positive number"),
+    (["compare", *TINY_ECHO, "--config", "5,5", "--timeout", "0"], "--timeout must be a positive number"),
+    (["compare", *TINY_ECHO, "--config", "5,5", "--distributed"], "missing RANK.*torchrun --nproc_per_node"),
+    (["compare", "--task", "text", "--config", "5,5"], "pass --task-option path=FILE"),
+    (["compare", "--task", "text", "--task-option", "path=/no/such/file.txt", "--config", "5,5"],
+     "cannot read /no/such/file.txt"),
+    (["compare", "--task", "co2", "--task-option", "difference=maybe", "--config", "5,5"],
+     "difference takes true or false"),
+    (["train", "--task", "text", "--config", "5,5"], "pass --task-option path=FILE"),
+])
+def test_bad_arguments_are_errors_before_any_work(args, message, capsys, monkeypatch, tmp_path):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, not into the repository
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.search(message, err), err
+    assert not any(tmp_path.iterdir())
 
 
 def test_compare_end_to_end_with_a_diverging_configuration(tmp_path, capsys):

@@ -44,7 +44,8 @@ def test_resume_continues_the_run_as_if_never_stopped(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--config", "0,5"], "k1 must be a positive int"),
     (["--config", "5,5", "--task-option", "nope=1"], "bad --task-option 'nope=1'.*delay"),
-    (["--config", "5,5", "--task-option", "delay=x"], "delay takes a int"),
+    (["--config", "5,5", "--task-option", "delay=x"], "delay takes an int, e.g. delay=5"),
+    (["--config", "5,5", "--task-option", "path=x"], "bad --task-option .path=x.*delay=5"),
     (["--config", "5,5", "--lr", "-1"], "--lr must be a positive number"),
     (["--config", "5,5", "--resume"], "need a checkpoint path"),
     (["--config", "5,5", "--distributed"], "missing RANK.*torchrun --nproc_per_node"),

@@ -194,3 +194,18 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
     assert any(f"{n - 9} more updates" in line for line in lines)
     with pytest.raises(ValueError, match="width"):
         timeline.render_timeline(TBPTT(2, 5), 10, width=0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("clip", -1.0, "clip must be a positive number, or None"),
+    ("clip", 0.0, "clip must be a positive number, or None"),
+    ("hidden", 0, "hidden must be a positive int"),
+    ("cell", "transformer", "cell must be one of"),
+    ("segment_length", 0, "segment_length must be a positive int"),
+    ("max_seconds", -1.0, "max_seconds must be a positive number"),
+    ("max_seconds", float("nan"), "max_seconds must be a positive number"),
+    ("lr", float("inf"), "lr must be a positive number"),
+])
+def test_run_spec_rejects_bad_settings_before_any_run(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        runs_module.RunSpec(task="echo", config="5,5", **{field: value})

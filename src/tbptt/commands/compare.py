@@ -4,6 +4,7 @@ stability and speed per configuration."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     """Options shared by the commands that train (compare, probe)."""
     p.add_argument("--task", required=True, help="echo, adding, copy, co2, sunspots or text")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a task option, e.g. delay=8 or steps=200 (repeatable)")
+                   help="a task option, e.g. delay=8, steps=200, difference=false or path=book.txt (repeatable)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run (default {epochs})")
     p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
     p.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="recurrent cell (default lstm)")
@@ -22,24 +23,65 @@ def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default 1)")
 
 
+def check_run_options(args: argparse.Namespace) -> None:
+    """Reject bad values of the options every training command takes (--epochs, --hidden, --lr,
+    --clip) before any work starts."""
+    for name in ("epochs", "hidden"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive int; got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number; got {args.lr}")
+    if not (math.isfinite(args.clip) and args.clip >= 0):
+        raise ValueError(f"--clip must be a number >= 0 (0 turns clipping off); got {args.clip}")
+
+
 def task_options(name: str, items: list[str]) -> dict[str, Any]:
-    """``["delay=8", ...]`` as task options, each converted to the type of its default."""
+    """``KEY=VALUE`` strings as the task's options, each read as the type of its default
+    (true/false for a boolean)."""
     from ..data import task_options as accepted
 
     defaults = accepted(name)
     options: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep or key not in defaults:
             listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
             raise ValueError(f"bad --task-option {item!r}: task {name!r} takes KEY=VALUE with KEY one of: {listed}")
         default = defaults[key]
-        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
-        try:
-            options[key] = kind(value)
-        except ValueError:
-            raise ValueError(f"bad --task-option {item!r}: {key} must be a {kind.__name__}") from None
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"bad --task-option {item!r}: {key} takes true or false")
+            options[key] = text.lower() in ("true", "1")
+        elif isinstance(default, (int, float)):
+            try:
+                options[key] = type(default)(text)
+            except ValueError:
+                raise ValueError(f"bad --task-option {item!r}: {key} takes a{'n' if isinstance(default, int) else ''} "
+                                 f"{type(default).__name__}, e.g. {key}={default}") from None
+        else:
+            options[key] = text
+    # a None default is a file the task cannot do without (the text task's corpus)
+    if defaults.get("path", "") is None and "path" not in options:
+        raise ValueError(f"task {name!r} reads a file: pass --task-option path=FILE")
     return options
+
+
+def unreadable(exc: OSError) -> ValueError:
+    """A task's file that cannot be read, as the error a command prints."""
+    return ValueError(f"cannot read {exc.filename or 'the task file'}: {exc.strerror or exc}; "
+                      "check --task-option path")
+
+
+def load_task(name: str, items: list[str]):
+    """The task ``name`` with the ``KEY=VALUE`` options of a command line (ValueError on bad ones,
+    or on a file that cannot be read)."""
+    from ..data import load_task as load
+
+    options = task_options(name, items)
+    try:
+        return load(name, **options)
+    except OSError as exc:
+        raise unreadable(exc) from None
 
 
 def register(subparsers) -> None:
@@ -58,11 +100,15 @@ def register(subparsers) -> None:
                    help="adam (default) or plain sgd (no momentum)")
     p.add_argument("--strategy", choices=("recompute", "stored"), default="recompute",
                    help="how windows that overlap earlier updates are run (default recompute)")
-    p.add_argument("--segment-length", type=int, default=None, help="steps per train_on call (default: whole split)")
-    p.add_argument("--max-seconds", type=float, default=None, help="stop each run after this many seconds")
+    p.add_argument("--segment-length", type=int, default=None,
+                   help="steps per train_on call (default: the whole split in one call)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop each run once it has trained this many seconds; the budget is checked between "
+                   "train_on calls, so without --segment-length a run stops only at the end of an epoch")
     p.add_argument("--target", type=float, default=None,
                    help="validation metric for time-to-target (default: baseline + 90%% of the best improvement)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes (default: CPU count; under torchrun, divided among a machine's ranks)")
     p.add_argument("--out", default=None, help="report folder (default tbptt-report/TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
@@ -89,14 +135,20 @@ def print_comparison(console: Console, comparison) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed as tdist
     from ..experiments.sweep import compare
 
     console = Console()
-    distributed = _join_ranks(args)
-    if distributed and torch_rank() != 0:
-        console = Console(quiet=True)
+    distributed = False
     try:
+        check_run_options(args)
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
         options = task_options(args.task, args.task_option)
+        load_task(args.task, args.task_option)  # a missing file is reported here, before any run
+        distributed = _join_ranks(args)
+        if distributed and torch_rank() != 0:
+            console = Console(quiet=True)
         comparison = compare(
             args.task, args.config, args.seeds, epochs=args.epochs, strategy=args.strategy,
             hidden=args.hidden, cell=args.cell, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
@@ -104,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
             progress=not args.no_progress, console=console, distributed=distributed,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, tdist.DistributedError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         return 2
     finally:

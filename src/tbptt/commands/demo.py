@@ -103,9 +103,21 @@ def _index(out: Path, reports: list[tuple[DemoPart, Path]], seconds: float) -> P
     return path
 
 
+def _check(args: argparse.Namespace) -> None:
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive int; got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be a positive int (worker processes); got {args.jobs}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..experiments.sweep import compare
 
+    try:
+        _check(args)
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 2
     console = Console()
     out = Path(args.out)
     started = time.perf_counter()

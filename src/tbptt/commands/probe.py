@@ -9,37 +9,49 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .compare import add_run_options, task_options
+from .compare import add_run_options, check_run_options, load_task
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "probe",
         help="measure gradient against lag and recommend k2",
-        description="Measure the norm of d l_t / d s_(t-tau) for tau = 1..L, averaged over steps t, for a "
-        "task's model untrained and after a short training; plot both curves and recommend k2 "
-        "(the smallest lag past which the gradient carries less than --fraction of its mass).",
+        description="Measure the norm of d l_t / d s_(t-tau) for tau = 1..L (L = --max-lag), averaged over "
+        "steps t, for a task's model untrained and after a short training; plot both curves and recommend "
+        "k2: the shortest window whose dropped lags (a window of k2 steps keeps lags 1..k2-1) carry at most "
+        "--fraction of the gradient's mass.",
     )
     add_run_options(p, epochs=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation (default 0)")
-    p.add_argument("--max-lag", type=int, default=50, help="largest lag measured (default 50)")
+    p.add_argument("--max-lag", type=int, default=50, metavar="L", help="largest lag measured, L (default 50)")
     p.add_argument("--positions", type=int, default=32, help="steps t averaged over (default 32)")
     p.add_argument("--rows", type=int, default=8, help="validation streams probed (default 8)")
-    p.add_argument("--fraction", type=float, default=0.01, help="signal left beyond k2 (default 0.01)")
-    p.add_argument("--config", default=None, help="schedule of the short training (default L,L)")
+    p.add_argument("--fraction", type=float, default=0.01,
+                   help="share of the gradient's mass the recommended k2 may drop, in (0, 1) (default 0.01)")
+    p.add_argument("--config", default=None, metavar="K1,K2",
+                   help="schedule of the short training (default L,L: TBPTT(L, L) with L = --max-lag)")
     p.add_argument("--png", default=None, help="plot file (default tbptt-report/probe-TASK.png)")
     p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    check_run_options(args)
+    for name in ("max_lag", "positions", "rows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
+    if not 0 < args.fraction < 1:
+        raise ValueError(f"--fraction must be a number in (0, 1), e.g. 0.01; got {args.fraction}")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_task
     from ..schedule import TBPTT
 
     console = Console()
     try:
-        task = load_task(args.task, **task_options(args.task, args.task_option))
+        _check(args)
+        task = load_task(args.task, args.task_option)
         schedule = TBPTT.parse(args.config or f"{args.max_lag},{args.max_lag}")
         split = task.valid
         if split.steps <= args.max_lag:
@@ -105,7 +117,8 @@ def _probe(args: argparse.Namespace, task, schedule, split, console: Console) ->
         console.print(f"more than {args.fraction:g} of the gradient lies beyond lag {args.max_lag}: "
                       f"probe further (--max-lag) or use a longer k2")
     else:
-        console.print(f"recommended k2 = {k2}: lags beyond it carry at most {args.fraction:g} of the gradient")
+        console.print(f"recommended k2 = {k2}: a window of {k2} steps keeps lags 1..{k2 - 1}; the lags it drops "
+                      f"({k2} and beyond) carry at most {args.fraction:g} of the gradient")
     png = Path(args.png or f"tbptt-report/probe-{task.name}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     plot_lag_profiles(profiles, png, args.fraction, task.dependency, title=f"{task.name}: gradient against lag")

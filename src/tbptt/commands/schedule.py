@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 
 from ..schedule import TBPTT
-
 
 
 def register(subparsers) -> None:
@@ -15,26 +15,37 @@ def register(subparsers) -> None:
         "schedule",
         help="draw a TBPTT(k1, k2) schedule and its cost",
         description="Draw which steps each update of TBPTT(K1, K2) runs forward, backpropagates "
-        "through and injects errors from, on a stream of N steps, with the cost in steps.",
+        "through and injects errors from, on a stream of N steps, with the cost in steps. "
+        "The schedule is given as K1 K2 or as K1,K2.",
     )
-    p.add_argument("k1", help="steps between updates (an int, or n for the whole stream)")
-    p.add_argument("k2", help="steps backpropagated per update (an int, or n)")
+    p.add_argument("k1", help="steps between updates (an int, or n for the whole stream); or K1,K2")
+    p.add_argument("k2", nargs="?", default=None, help="steps backpropagated per update (an int, or n)")
     p.add_argument("--n", type=int, default=20, help="stream length (default 20)")
     p.add_argument("--errors", choices=("new", "window"), default="new",
                    help="inject each error once (new, default) or every error of the window")
-    p.add_argument("--png", metavar="FILE", help="also write the drawing as a PNG")
+    p.add_argument("--png", metavar="FILE", help="also write the drawing as a PNG (folders are created)")
     p.add_argument("--width", type=int, default=None,
                    help="terminal columns for the steps (default: fit the terminal)")
     p.set_defaults(func=run)
+
+
+def _schedule_text(args: argparse.Namespace) -> str:
+    if args.k2 is not None:
+        return f"{args.k1},{args.k2}"
+    if "," not in args.k1:
+        raise ValueError(f"give the schedule as K1 K2 or K1,K2 (e.g. `tbptt schedule 3 7` or `3,7`); got only {args.k1!r}")
+    return args.k1
 
 
 def run(args: argparse.Namespace) -> int:
     from ..experiments.timeline import cost_table, plot_schedule, render_timeline
 
     try:
-        schedule = TBPTT.parse(f"{args.k1},{args.k2}", errors=args.errors)
+        schedule = TBPTT.parse(_schedule_text(args), errors=args.errors)
         if args.n < 1:
             raise ValueError(f"--n must be a positive stream length; got {args.n}")
+        if args.width is not None and args.width < 1:
+            raise ValueError(f"--width must be a positive number of columns; got {args.width}")
     except (TypeError, ValueError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         return 2
@@ -44,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(render_timeline(schedule, args.n, width=width))
     console.print(cost_table(schedule, args.n))
     if args.png:
-        plot_schedule(schedule, args.n, path=args.png)
-        console.print(f"wrote {args.png}")
+        png = Path(args.png)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot_schedule(schedule, args.n, path=png)
+        console.print(f"wrote {png}")
     return 0

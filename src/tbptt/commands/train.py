@@ -22,6 +22,7 @@ from ..data import TASKS
 from ..engine import STRATEGIES
 from ..models import Cell
 from ..schedule import TBPTT
+from .compare import check_run_options, load_task
 
 
 def register(subparsers) -> None:
@@ -61,40 +62,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def task_options(name: str, items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as the task's options, each read as the type of its default."""
-    from ..data import task_options as accepted
-
-    defaults = accepted(name)
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key not in defaults:
-            raise ValueError(f"bad --task-option {item!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(defaults)} (the options of task {name!r})")
-        default = defaults[key]
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--task-option {key} takes true or false; got {text!r}")
-            options[key] = text.lower() in ("true", "1")
-        elif isinstance(default, (int, float)):
-            try:
-                options[key] = type(default)(text)
-            except ValueError:
-                raise ValueError(f"--task-option {key} takes a {type(default).__name__}; got {text!r}") from None
-        else:
-            options[key] = text
-    return options
-
-
 def _check(args: argparse.Namespace) -> TBPTT:
-    for name in ("epochs", "hidden"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive int; got {getattr(args, name)}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number; got {args.lr}")
-    if not (math.isfinite(args.clip) and args.clip >= 0):
-        raise ValueError(f"--clip must be a number >= 0 (0 turns clipping off); got {args.clip}")
+    check_run_options(args)
     if args.timeout is not None and not args.timeout > 0:
         raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
     return TBPTT.parse(args.config)
@@ -103,7 +72,6 @@ def _check(args: argparse.Namespace) -> TBPTT:
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as tdist
     from ..checkpoint import CheckpointError
-    from ..data import load_task
     from ..trainer import Trainer
 
     errors = Console(stderr=True)
@@ -111,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     joined = False
     try:
         schedule = _check(args)
-        task = load_task(args.task, **task_options(args.task, args.task_option))
+        task = load_task(args.task, args.task_option)
         rank, world = 0, 1
         if distributed:
             joined = not torch.distributed.is_initialized()

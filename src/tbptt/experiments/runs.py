@@ -11,16 +11,24 @@ import random
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, get_args
 
 import torch
 
 from ..diagnostics import grad_norm_summary, roughness
 from ..engine import STRATEGIES
+from ..models import Cell
 from ..schedule import TBPTT
 
 KEEP_UPDATES = 2000
 """Per-update records kept in a run's result (evenly thinned beyond this)."""
+
+CELLS: tuple[str, ...] = get_args(Cell)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
 
 _OVERRIDES = {"lr": float, "clip": float, "strategy": str}
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -105,8 +113,22 @@ class RunSpec:
             raise ValueError(f"seed must be a non-negative int; got {self.seed!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {self.optimizer!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        if not _positive_int(self.hidden):
+            raise ValueError(f"hidden must be a positive int (hidden units); got {self.hidden!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}; got {self.cell!r}")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip)
+                                          and self.clip > 0):
+            raise ValueError(f"clip must be a positive number, or None for no clipping (0 on the command line); "
+                             f"got {self.clip!r}")
+        if self.segment_length is not None and not _positive_int(self.segment_length):
+            raise ValueError(f"segment_length must be a positive int (steps per train_on call) or None for the "
+                             f"whole split; got {self.segment_length!r}")
+        if self.max_seconds is not None and not (isinstance(self.max_seconds, (int, float))
+                                                 and math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ValueError(f"max_seconds must be a positive number of seconds or None; got {self.max_seconds!r}")
 
     @property
     def configuration(self) -> Configuration:
