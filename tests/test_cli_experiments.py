@@ -205,3 +205,15 @@ def test_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "k2 > d = 2" in out and "demo finished" in out
     assert (tmp_path / "index.html").exists() and (tmp_path / "echo" / "report.html").exists()
+
+
+def test_compare_whose_seeds_diverge_at_different_epochs_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["compare", *TINY_ADDING, "--config", "5,5", "--config", "5,5@lr=10", "--optimizer", "sgd",
+                 "--clip", "0", "--seeds", "2", "--epochs", "4", "--jobs", "1", "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    updates = {r["seed"]: r["updates"] for r in data["runs"] if r["config"] == "TBPTT(5,5) lr=10"}
+    assert len(set(updates.values())) == 2  # the seeds diverged after different numbers of updates
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "Figure missing" not in page

@@ -209,3 +209,30 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
 def test_run_spec_rejects_bad_settings_before_any_run(field, value, message):
     with pytest.raises(ValueError, match=message):
         runs_module.RunSpec(task="echo", config="5,5", **{field: value})
+
+
+def test_grad_norms_of_seeds_that_stopped_at_different_updates(tmp_path):
+    long = fake_run("TBPTT(5,5)", 0, [0.2, 0.3], norms=(1.0, 2.0, 3.0, 4.0, 5.0))
+    short = fake_run("TBPTT(5,5)", 1, [0.2], norms=(3.0, float("nan")), status="diverged")
+    thinned = {**fake_run("TBPTT(5,5)", 2, [0.2, 0.3], norms=(2.0, 6.0)), "update_index": [1, 5]}
+    updates, norms = plots.norms_on_common_updates([long, short, thinned])
+    assert updates.tolist() == [1, 2, 3, 4, 5]
+    assert norms[0].tolist() == [1, 2, 3, 4, 5]
+    assert np.isnan(norms[1, 1:]).all() and norms[1, 0] == 3  # its NaN and its end leave gaps
+    assert norms[2].tolist() == [2, 3, 4, 5, 6]  # between its recorded updates 1 and 5: interpolated
+    path = plots.plot_grad_norms([long, short, thinned], {"task": "t"}, tmp_path / "g.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_figure_that_fails_leaves_the_others_and_the_report(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setattr(plots, "plot_skill_time", broken)
+    meta = {"task": "echo", "metric_name": "accuracy", "higher_is_better": True, "baseline": 0.1, "target": 0.5}
+    rows, _ = summary.summarize(RUNS, 0.1, True)
+    images = plots.write_plots(tmp_path, RUNS, rows, meta)
+    assert [p is None for _, p in images] == [False, False, False, True]
+    assert "no ink" in images[-1][0]
+    page = report.write_html(tmp_path, meta, rows, images).read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Figure missing" in page and "no ink" in page

@@ -130,6 +130,8 @@ def print_comparison(console: Console, comparison) -> None:
     console.print(summary_line(comparison))
     if comparison.interrupted:
         console.print(f"[yellow]interrupted: {len(comparison.runs)} runs finished and were kept[/yellow]")
+    for error in comparison.figure_errors:
+        console.print(f"[yellow]figure missing from the report[/yellow] {error}")
     if comparison.report is not None:
         console.print(f"report: {comparison.report}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -89,23 +89,43 @@ def plot_curves(runs: Sequence[Run], meta: dict, path: Path, by: str = "epoch") 
     return _finish(fig, ax, path)
 
 
+def norms_on_common_updates(group: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """The seeds' gradient norms side by side: (updates, norms[seeds, updates]) on the union of
+    the updates any seed recorded. Seeds may stop at different updates (a run that diverged, a time
+    budget) and long runs keep a thinned record: a seed's norm between two updates it recorded is
+    interpolated, and it is NaN past its last update or where it had no finite norm."""
+    records = []
+    for run in group:
+        norms = _nan(run.get("grad_norms") or [])
+        norms[~np.isfinite(norms)] = np.nan
+        index = np.asarray(run.get("update_index") or np.arange(1, len(norms) + 1), dtype=float)[: len(norms)]
+        records.append((index, norms))
+    updates = np.unique(np.concatenate([index for index, _ in records]))
+    out = np.full((len(records), len(updates)), np.nan)
+    for row, (index, norms) in zip(out, records):
+        known = np.isfinite(norms)
+        if not known.any():
+            continue
+        inside = (updates >= index[0]) & (updates <= index[-1])
+        row[inside] = np.interp(updates[inside], index[known], norms[known])
+        row[np.searchsorted(updates, index[~known])] = np.nan  # its own gaps stay gaps
+    return updates, out
+
+
 def plot_grad_norms(runs: Sequence[Run], meta: dict, path: Path) -> Path:
-    """Gradient norm (before clipping) of every update; the median over seeds, log scale. Updates
-    without a gradient (no valid step) and non-finite norms leave gaps."""
+    """Gradient norm (before clipping) of every update; the median over the seeds still running at
+    that update, log scale. Updates without a gradient (no valid step) and non-finite norms leave gaps."""
     fig, ax = _figure()
     groups = group_runs([r for r in runs if r.get("grad_norms")])
     strategies = len({s for _, s in groups})
     for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
-        norms = _stack([_nan(r["grad_norms"]) for r in group])
-        norms[~np.isfinite(norms)] = np.nan
-        # long runs keep a thinned record; update_index says which update each point is
-        index = np.asarray(group[0].get("update_index") or np.arange(1, norms.shape[1] + 1))[: norms.shape[1]]
-        median = _reduce(norms, np.nanmedian)
-        ax.plot(index, median, color=colour, linewidth=0.8, label=label({"config": config, "strategy": strategy}, strategies))
+        updates, norms = norms_on_common_updates(group)
+        ax.plot(updates, _reduce(norms, np.nanmedian), color=colour, linewidth=0.8,
+                label=label({"config": config, "strategy": strategy}, strategies))
     ax.set_yscale("log")
     ax.set_xlabel("update")
     ax.set_ylabel("gradient norm")
-    ax.set_title(f"{meta.get('task', '')}: gradient norm per update (median over seeds)", fontsize=10)
+    ax.set_title(f"{meta.get('task', '')}: gradient norm per update (median over the seeds still running)", fontsize=10)
     return _finish(fig, ax, path)
 
 
@@ -134,16 +154,25 @@ def plot_skill_time(rows: Sequence[Row], meta: dict, path: Path) -> Path:
     return _finish(fig, ax, path)
 
 
-def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Path]]:
-    """All four PNGs in ``out``; (caption, path) pairs for the report."""
+def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Optional[Path]]]:
+    """All four PNGs in ``out``; (caption, path) pairs for the report. A figure that cannot be
+    drawn does not stop the others: its pair is (caption saying why, None)."""
     out.mkdir(parents=True, exist_ok=True)
-    return [
-        ("validation curves per configuration, band over seeds", plot_curves(runs, meta, out / "curves.png")),
+    figures = [
+        ("validation curves per configuration, band over seeds", lambda p: plot_curves(runs, meta, p), "curves.png"),
         ("validation against backward steps spent (equal gradient cost)",
-         plot_curves(runs, meta, out / "curves_backward.png", by="backward_steps")),
-        ("gradient norm over updates", plot_grad_norms(runs, meta, out / "grad_norms.png")),
-        ("skill against time", plot_skill_time(rows, meta, out / "skill_time.png")),
+         lambda p: plot_curves(runs, meta, p, by="backward_steps"), "curves_backward.png"),
+        ("gradient norm over updates (median over the seeds still running)",
+         lambda p: plot_grad_norms(runs, meta, p), "grad_norms.png"),
+        ("skill against time", lambda p: plot_skill_time(rows, meta, p), "skill_time.png"),
     ]
+    images: list[tuple[str, Optional[Path]]] = []
+    for caption, draw, name in figures:
+        try:
+            images.append((caption, draw(out / name)))
+        except Exception as exc:  # one broken figure must not cost the report
+            images.append((f"{caption}: could not be drawn ({type(exc).__name__}: {exc})", None))
+    return images
 
 
 def plot_lag_profiles(profiles: dict, path: Path, fraction: float = 0.01, dependency=None, title: str = "") -> Path:

@@ -176,13 +176,17 @@ def _html_table(rows: Sequence[Row], meta: dict) -> str:
     return "".join(parts)
 
 
-def write_html(out: Path, meta: dict, rows: Sequence[Row], images: Sequence[tuple[str, Path]],
+def write_html(out: Path, meta: dict, rows: Sequence[Row], images: Sequence[tuple[str, Optional[Path]]],
                title: Optional[str] = None, headline: str = "") -> Path:
-    """report.html with the table and every image embedded (base64): one file to open or send.
+    """report.html with the table and every image embedded (base64): one file to open or send; an
+    image whose path is None is a figure that could not be drawn, and its caption says why.
     ``headline``: a sentence printed above the table (which configuration to use)."""
     title = title or f"tbptt compare: {meta.get('task', '')}"
     figures = []
     for caption, path in images:
+        if path is None:  # a figure that could not be drawn: say so where it would have been
+            figures.append(f"<p class='bad'>Figure missing: {html.escape(caption)}</p>")
+            continue
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         figures.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")

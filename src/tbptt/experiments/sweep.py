@@ -46,7 +46,8 @@ def _worker_run(spec: RunSpec) -> Run:
 @dataclass
 class Comparison:
     """The outcome of ``compare``: every run, one summary row per configuration, the target metric
-    used for time-to-target, and where the report is (None when not written)."""
+    used for time-to-target, where the report is (None when not written), its files, and the
+    figures that could not be drawn (with why)."""
 
     meta: dict[str, Any]
     runs: list[Run]
@@ -55,6 +56,7 @@ class Comparison:
     report: Optional[Path] = None
     interrupted: bool = False
     files: list[Path] = field(default_factory=list)
+    figure_errors: list[str] = field(default_factory=list)
 
     def tables(self):
         """The rich tables (skill, stability, speed) to print."""
@@ -173,7 +175,9 @@ def compare(
         write_results(out_path, meta, rows, runs)
         images = write_plots(out_path, runs, rows, meta) if runs else []
         comparison.report = write_html(out_path, meta, rows, images, headline=summary_line(comparison))
-        comparison.files = [out_path / n for n in ("results.json", "results.csv", "runs.csv")] + [p for _, p in images]
+        comparison.files = [out_path / n for n in ("results.json", "results.csv", "runs.csv")]
+        comparison.files += [p for _, p in images if p is not None]
+        comparison.figure_errors = [caption for caption, p in images if p is None]
     return comparison
 
 
