@@ -164,6 +164,8 @@ def test_run_summaries():
     summary = dg.grad_norm_summary([1.0, 2.0, 3.0, 100.0, float("nan")])
     assert summary == {"grad_norm_median": 2.5, "grad_norm_max": 100.0, "grad_spikes": 1}
     assert dg.roughness([1.0, 1.0, 1.0]) == 0.0
-    assert dg.roughness([1.0, math.e, 1.0]) == pytest.approx(1.0)
-    assert dg.roughness([2.0, 4.0]) == pytest.approx(dg.roughness([20.0, 40.0]))
+    assert dg.roughness([1.0, math.e, 1.0]) == pytest.approx(1.0)  # travels 2, ends where it started
+    assert dg.roughness([1.0, math.e, 1.0, math.e]) == pytest.approx(2 / 3)  # travels 3, net 1, 3 steps
+    assert dg.roughness([8.0, 2.0, 1.0, 0.01]) == pytest.approx(0.0)  # only falls: not rough, however fast
+    assert dg.roughness([2.0, 4.0, 3.0]) == pytest.approx(dg.roughness([20.0, 40.0, 30.0]))
     assert math.isnan(dg.roughness([1.0]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ import torch
 from hypothesis import given, settings, strategies as hs
 
 from tbptt import TBPTT
-from tbptt.diagnostics import grad_norm_summary
-from tbptt.experiments import plots, report, runs as runs_module, summary, timeline
+from tbptt.diagnostics import grad_norm_summary, roughness
+from tbptt.experiments import plots, report, runs as runs_module, summary, sweep, timeline
 from _models import oracle_updates
 
 GLYPH_KIND = {"·": timeline.OUTSIDE, "─": timeline.ADVANCE, "░": timeline.WINDOW, "█": timeline.ERROR}
@@ -90,8 +91,8 @@ def test_long_schedules_elide_rows_and_png_is_written(tmp_path):
 
 
 def fake_run(config, seed, finals, status="ok", norms=(1.0, 2.0, 3.0), wall=2.0):
-    """A run whose validation metric per epoch is ``finals``, an epoch per second."""
-    epochs = [{"epoch": i + 1, "valid_metric": m, "elapsed": float(i + 1), "backward_steps": 10 * (i + 1)}
+    """A run whose validation metric per epoch is ``finals``, an epoch per CPU second."""
+    epochs = [{"epoch": i + 1, "valid_metric": m, "cpu_elapsed": float(i + 1), "backward_steps": 10 * (i + 1)}
               for i, m in enumerate(finals)]
     finite = [m for m in finals if math.isfinite(m)]
     return {
@@ -236,3 +237,48 @@ def test_a_figure_that_fails_leaves_the_others_and_the_report(tmp_path, monkeypa
     assert "no ink" in images[-1][0]
     page = report.write_html(tmp_path, meta, rows, images).read_text()
     assert page.count("data:image/png;base64,") == 3 and "Figure missing" in page and "no ink" in page
+
+
+def test_headline_ranks_by_cpu_seconds_to_the_target_not_by_run_length():
+    runs = [
+        fake_run("TBPTT(1,n)", 0, [0.1, 0.6], wall=2.0),  # shortest run, reaches the target at 2 s
+        fake_run("TBPTT(5,5)", 1, [0.6] * 5, wall=5.0),  # longer run, there at 1 s
+        fake_run("TBPTT(n,n)", 2, [0.1, 0.1, 0.99], wall=3.0),  # best final, there at 3 s
+    ]
+    meta = {"metric_name": "accuracy", "higher_is_better": True, "baseline": 0.1}
+    rows, target = summary.summarize(runs, 0.1, True, target=0.5)
+    assert [r["time_to_target"] for r in rows] == [2.0, 1.0, 3.0]
+    line = sweep.summary_line(sweep.Comparison(meta, runs, rows, target))
+    assert "best final validation accuracy: TBPTT(n,n)" in line
+    assert "in every run: TBPTT(5,5) (1.0 CPU s to target)" in line
+    captions = [t.caption for t in report.terminal_tables(rows, {**meta, "target": target})]
+    assert "max over seeds" in captions[1] and "means over seeds" in captions[1] and "validation" in captions[1]
+    assert "stream steps" in captions[2]
+
+
+TINY_ECHO = runs_module.RunSpec(task="echo", config="5,5", epochs=3, hidden=8,
+                                task_options=(("batch_size", 4), ("eval_steps", 20), ("steps", 30)))
+
+
+def test_a_run_measures_roughness_on_validation_and_time_to_target_in_cpu_seconds():
+    run = runs_module.run_one(TINY_ECHO)
+    assert run["status"] == "ok" and run["steps"] == 3 * 30
+    assert run["roughness"] == roughness([e["valid_loss"] for e in run["epochs"]])
+    clock = [e["cpu_elapsed"] for e in run["epochs"]]
+    assert clock == sorted(clock) and 0 < clock[-1] <= run["cpu_time"]
+
+
+def test_a_run_stopped_by_its_time_budget_counts_the_steps_it_was_fed():
+    run = runs_module.run_one(replace(TINY_ECHO, max_seconds=1e-9, segment_length=7))
+    assert run["stopped_by"] == "max_seconds" and run["epochs"][0]["partial"]
+    assert run["steps"] == 7  # the budget is checked after the first 7-step piece
+    assert run["steps_per_s"] == pytest.approx(7 / run["train_time"])
+
+
+def test_default_workers_are_shared_among_a_machines_ranks(monkeypatch):
+    monkeypatch.setattr(sweep.mp, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert sweep.default_jobs(distributed=True) == 4
+    assert sweep.default_jobs(distributed=False) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert sweep.default_jobs(distributed=True) == 1

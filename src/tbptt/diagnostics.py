@@ -212,12 +212,15 @@ def grad_norm_summary(norms: Sequence[float], spike_factor: float = 10.0) -> dic
 
 
 def roughness(losses: Sequence[float]) -> float:
-    """How jagged a loss curve is: the mean |change of log loss| between consecutive updates.
+    """How much a loss curve goes up and down: the mean |change of log loss| between consecutive
+    points beyond what its net change explains, ``(sum |d log l| - |log l_last - log l_first|) / steps``.
 
-    Scale-free (a curve and a multiple of it are as rough); 0 for a constant curve. Non-finite and
-    non-positive losses are left out. NaN when fewer than two remain.
+    0 for a curve that only falls (or only rises), however fast; scale-free (a curve and a
+    multiple of it are as rough). Non-finite and non-positive losses are left out. NaN when fewer
+    than two remain.
     """
-    logs = [math.log(v) for v in losses if math.isfinite(v) and v > 0]
+    logs = [math.log(v) for v in losses if v is not None and math.isfinite(v) and v > 0]
     if len(logs) < 2:
         return math.nan
-    return sum(abs(b - a) for a, b in zip(logs[:-1], logs[1:])) / (len(logs) - 1)
+    travelled = sum(abs(b - a) for a, b in zip(logs[:-1], logs[1:]))
+    return (travelled - abs(logs[-1] - logs[0])) / (len(logs) - 1)

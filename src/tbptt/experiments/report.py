@@ -24,7 +24,7 @@ SKILL = [
     ("final {metric}", "final_metric", "pm"),
     ("best", "best_metric", "g"),
     ("beats baseline", "beats_baseline", "of_runs"),
-    ("s to target", "time_to_target", "reach"),
+    ("CPU s to target", "time_to_target", "reach"),
 ]
 STABILITY = [
     ("diverged", "diverged", "of_runs"),
@@ -46,12 +46,20 @@ GROUPS = {"skill": SKILL, "stability": STABILITY, "speed": SPEED}
 
 NOTES = {
     "beats baseline": "runs whose final validation metric is better than the trivial baseline",
-    "spikes": "updates whose gradient norm exceeds 10x the run's median",
-    "roughness": "mean |change of log training loss| between consecutive updates",
-    "graph MB": "peak memory held by autograd graphs (tensors saved for backward)",
+    "CPU s to target": "CPU seconds of the run (one thread; training and validation) until the end of the "
+    "first epoch whose validation metric reached the target (default: baseline + 90% of the best "
+    "improvement any run achieved); mean over the runs that got there, with how many did",
+    "grad median": "each run's median gradient norm (before clipping), averaged over seeds",
+    "grad max": "the largest gradient norm (before clipping) of any update of any seed",
+    "spikes": "updates whose gradient norm exceeds 10x their run's median; mean over seeds",
+    "roughness": "how much the validation loss goes up and down from epoch to epoch: mean |change of "
+    "log loss| beyond its net change (0 for a curve that only falls); mean over seeds. Measured on "
+    "validation, which every configuration computes alike (training losses per update are not comparable: "
+    "one step's error for TBPTT(1,n), a stream's mean for TBPTT(n,n))",
     "cpu s": "CPU seconds of the run's process (one thread): steadier than wall time on a busy machine",
-    "s to target": "training seconds until the validation metric first reached the target "
-    "(default: baseline + 90% of the best improvement any run achieved), with runs that got there",
+    "steps/s": "stream steps (positions along the time axis, each covering every stream of the batch) "
+    "trained per second spent in updates",
+    "graph MB": "peak memory held by autograd graphs (tensors saved for backward)",
 }
 
 
@@ -99,9 +107,11 @@ def terminal_tables(rows: Sequence[Row], meta: dict) -> list[Table]:
     captions = {
         "skill": f"validation {meta.get('metric_name')} ({direction} is better); baseline "
         f"({meta.get('baseline_name', 'trivial')}) = {_g(meta.get('baseline'))}; mean ± sd over seeds; "
-        f"target {_g(meta.get('target'))}",
-        "stability": "gradient norms before clipping; spikes > 10x median",
-        "speed": "means over seeds; graph MB: peak memory held by autograd graphs",
+        f"target {_g(meta.get('target'))} (CPU s to reach it: mean over the runs that did)",
+        "stability": "gradient norms before clipping; grad median, spikes (> 10x the run's median) and "
+        "roughness (of the validation loss per epoch): means over seeds; grad max: max over seeds",
+        "speed": "means over seeds; steps/s: stream steps (each covering all streams of the batch) per "
+        "second of updates; graph MB: peak memory held by autograd graphs",
     }
     tables = []
     for group in GROUPS:

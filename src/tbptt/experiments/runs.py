@@ -215,6 +215,18 @@ class _EpochEvents:
         self.emit(("epoch", self.index, info["epoch"]))
 
 
+class _EpochClock:
+    """A ``fit`` callback that notes the process's CPU seconds at the end of each epoch (its
+    validation included), counted from ``started``."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seconds: list[float] = []
+
+    def on_epoch_end(self, trainer, info: dict) -> None:
+        self.seconds.append(time.process_time() - self.started)
+
+
 def _best(values: list[float], higher_is_better: bool) -> float:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
@@ -279,7 +291,8 @@ def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, An
         trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
                           clip_grad_norm=settings["clip"])
         meter = GraphMemory()
-        callbacks = [_EpochEvents(emit, spec.index)] if emit is not None else []
+        clock = _EpochClock(cpu_started)
+        callbacks = [clock] + ([_EpochEvents(emit, spec.index)] if emit is not None else [])
         with meter.hooks():
             history = trainer.fit(task.train, epochs=spec.epochs, valid=task.valid, metric=task.metric,
                                   segment_length=spec.segment_length, callbacks=callbacks, progress=False,
@@ -289,13 +302,15 @@ def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, An
         result["traceback"] = traceback.format_exc(limit=8)
         return result
 
-    epochs = [{**e, "elapsed": e["wall_time"]} for e in history.epochs]
+    epochs = [{**e, "cpu_elapsed": seconds} for e, seconds in zip(history.epochs, clock.seconds)]
     metrics = [e.get("valid_metric", math.nan) for e in epochs]
     # an update skipped with a finite norm had no gradient to speak of (no valid steps): no point
     norms = [math.nan if r.skipped and math.isfinite(r.grad_norm) else r.grad_norm for r in history.updates]
     losses = [r.loss for r in history.updates]
     train_time = sum(r.wall_time for r in history.updates)
-    steps = task.train.steps * len(epochs)
+    # stream steps fed: whole epochs, and the open one's steps when a time budget stopped it inside
+    complete = sum(not e.get("partial") for e in history.epochs)
+    steps = task.train.steps * complete + trainer.position
     last = epochs[-1] if epochs else {}
     diverged = history.diverged or not math.isfinite(last.get("valid_loss", math.nan))
     kept_norms, index = _thin(norms, KEEP_UPDATES)
@@ -318,7 +333,9 @@ def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, An
         forward_steps=trainer.engine.forward_steps,
         backward_steps=trainer.engine.backward_steps,
         peak_graph_mb=meter.peak / 2**20,
-        roughness=roughness(losses),
+        # per-update training losses are not comparable across schedules (one step's error for
+        # TBPTT(1,n), a stream's mean for TBPTT(n,n)); the validation loss per epoch is
+        roughness=roughness([e.get("valid_loss", math.nan) for e in epochs]),
         stopped_by=history.stopped_by,
         grad_norms=kept_norms,
         update_losses=_thin(losses, KEEP_UPDATES)[0],

@@ -49,14 +49,14 @@ def default_target(runs: Sequence[Run], baseline: float, higher_is_better: bool)
 
 
 def time_to_target(run: Run, target: Optional[float], higher_is_better: bool) -> Optional[float]:
-    """Seconds of training (wall time at the end of the epoch) until the validation metric first
-    reached ``target``; None if it never did."""
+    """CPU seconds of the run (one thread; training and validation) until the end of the first
+    epoch whose validation metric reached ``target``; None if it never did."""
     if target is None:
         return None
     for epoch in run.get("epochs", []):
         metric = epoch.get("valid_metric")
         if metric is not None and math.isfinite(metric) and better(metric, target, higher_is_better):
-            return float(epoch["elapsed"])
+            return float(epoch["cpu_elapsed"])
     return None
 
 
