@@ -188,15 +188,25 @@ def test_ctrl_c_stops_the_workers_and_keeps_the_runs_that_finished(tmp_path):
     assert json.loads(json.dumps(report._json_safe(here["grad_norms"]))) == there["grad_norms"]
 
 
-def test_probe_command(tmp_path, capsys):
-    png = tmp_path / "probe.png"
+def test_probe_command(tmp_path, capsys, monkeypatch):
+    from tbptt import diagnostics
+
+    measured = []
+
+    def known_curve(*args, **kwargs):  # a curve with a known answer; the probe itself is tested in test_diagnostics
+        measured.append(kwargs["max_lag"])
+        return diagnostics.LagProfile(list(range(1, 9)), [1.0, 0.5, 0.25, 0.01, 0.001, 0.0, 0.0, 0.0], 6)
+
+    monkeypatch.setattr(diagnostics, "gradient_vs_lag", known_curve)
+    png = tmp_path / "plots" / "probe.png"
     code = main(["probe", "--task", "echo", "--task-option", "steps=40", "--task-option", "eval_steps=30",
                  "--task-option", "batch_size=4", "--max-lag", "8", "--positions", "6", "--epochs", "1",
                  "--png", str(png)])
-    assert code == 0
-    out = capsys.readouterr().out
+    assert code == 0 and measured == [8, 8]
+    out = " ".join(capsys.readouterr().out.split())
     assert "untrained" in out and "trained" in out and "lag 8" in out
-    assert "recommended k2" in out or "beyond lag 8" in out or "exploding" in out
+    # dropped from k2 = 4 on: 0.011 <= 1% of 1.761; k2 = 3 would drop 0.261
+    assert "recommended k2 = 4: a window of 4 steps keeps lags 1..3" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

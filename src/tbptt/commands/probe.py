@@ -114,7 +114,7 @@ def _probe(args: argparse.Namespace, task, schedule, split, console: Console) ->
         console.print("[red]the trained model's gradient grows with lag (exploding): clip gradients, "
                       "lower the learning rate, or keep k2 short[/red]")
     elif k2 is None:
-        console.print(f"more than {args.fraction:g} of the gradient lies beyond lag {args.max_lag}: "
+        console.print(f"more than {args.fraction:g} of the gradient lies at lag {args.max_lag} or beyond: "
                       f"probe further (--max-lag) or use a longer k2")
     else:
         console.print(f"recommended k2 = {k2}: a window of {k2} steps keeps lags 1..{k2 - 1}; the lags it drops "

@@ -177,7 +177,8 @@ def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict)
 
 def plot_lag_profiles(profiles: dict, path: Path, fraction: float = 0.01, dependency=None, title: str = "") -> Path:
     """Gradient norm against lag for each named ``LagProfile`` (log scale), with each one's
-    recommended k2 and, when known, the task's dependency length."""
+    recommended k2 (dotted, at the first lag a window of k2 steps drops) and, when known, the
+    task's dependency length."""
     fig, ax = _figure()
     for colour, (name, profile) in zip(_colours(len(profiles)), profiles.items()):
         norms = np.asarray(profile.norms, dtype=float)
@@ -193,5 +194,7 @@ def plot_lag_profiles(profiles: dict, path: Path, fraction: float = 0.01, depend
     ax.set_yscale("log")
     ax.set_xlabel("lag tau (steps)")
     ax.set_ylabel("mean ||d l_t / d s_{t-tau}||")
-    ax.set_title(title or f"gradient against lag (dotted: recommended k2, {fraction:g} of the mass beyond)", fontsize=10)
+    ax.set_title((title + "\n" if title else "gradient against lag\n")
+                 + f"dotted: recommended k2; a window of k2 steps keeps lags < k2, the lags it drops "
+                 f"(k2 on) carry at most {fraction:g} of the mass", fontsize=9)
     return _finish(fig, ax, path)
