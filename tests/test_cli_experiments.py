@@ -227,3 +227,20 @@ def test_compare_whose_seeds_diverge_at_different_epochs_writes_the_report(tmp_p
     assert len(set(updates.values())) == 2  # the seeds diverged after different numbers of updates
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "Figure missing" not in page
+
+
+def test_demo_verdict_tells_learning_the_delay_from_beating_chance():
+    from tbptt.commands.demo import echo_verdict
+
+    rows = [{"config": "TBPTT(n,n)", "final_metric": 0.343, "updates": 30.0},
+            {"config": "TBPTT(4,12)", "final_metric": 0.9, "updates": 390.0},
+            {"config": "TBPTT(5,5)", "final_metric": 0.21, "updates": 300.0},
+            {"config": "TBPTT(12,4) lr=0.1", "final_metric": 0.6, "updates": 120.0}]
+    text = "\n".join(echo_verdict(rows, 5, 0.128))
+    assert "> 0.5 (chance 0.128)" in text
+    spans, short = text.splitlines()[1:3]
+    assert spans.startswith("  k2 > d = 5") and "TBPTT(4,12) 0.900 learnt" in spans
+    assert "TBPTT(n,n) 0.343 not yet, only 30 updates" in spans
+    assert short.startswith("  k2 <= d = 5") and "TBPTT(5,5) 0.210 did not" in short
+    assert "TBPTT(12,4) lr=0.1 0.600 learnt, though k2 <= d" in short
+    assert "few updates" in text and "never links an output to the input 5 steps back" in text
