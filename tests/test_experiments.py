@@ -251,6 +251,8 @@ def test_headline_ranks_by_cpu_seconds_to_the_target_not_by_run_length():
     line = sweep.summary_line(sweep.Comparison(meta, runs, rows, target))
     assert "best final validation accuracy: TBPTT(n,n)" in line
     assert "in every run: TBPTT(5,5) (1.0 CPU s to target)" in line
+    fastest_is_best = sweep.summary_line(sweep.Comparison(meta, runs, rows[1:2], target))
+    assert "TBPTT(5,5) (0.6" in fastest_is_best and "it was also the soonest to reach accuracy 0.5 in every run (1.0" in fastest_is_best
     captions = [t.caption for t in report.terminal_tables(rows, {**meta, "target": target})]
     assert "max over seeds" in captions[1] and "means over seeds" in captions[1] and "validation" in captions[1]
     assert "stream steps" in captions[2]

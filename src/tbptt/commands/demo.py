@@ -59,9 +59,9 @@ QUICK = (
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="compare the canonical configurations on a delayed echo and on CO2 (about 2 minutes)",
+        help="compare the canonical configurations on a delayed echo and on CO2 (about a minute)",
         description="Compare TBPTT(n,n), (1,n), (k,k), (k1<k2), (k1>k2) and (k1,1) on a delayed echo task "
-        "and on CO2 and write a report. Takes about two minutes on two CPU cores.",
+        "and on CO2 and write a report. Takes about a minute on two CPU cores.",
     )
     p.add_argument("--out", default="tbptt-demo", help="report folder (default tbptt-demo)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
@@ -101,7 +101,8 @@ def echo_verdict(rows: list[dict], delay: int, chance: float) -> list[str]:
             items.append(f"{row['config']} {metric:.3f} {verdict}")
         lines.append(f"  {name}: {', '.join(items) or 'none'}")
     if "few" in notes:
-        lines.append("  not yet: its window reaches the input, but it made few updates in the same epochs")
+        lines.append(f"  not yet: its windows reach the input {delay} steps back, but it made fewer updates in "
+                     "the same epochs than those that learnt")
     if "short" in notes:
         lines.append("  did not: what it gains over chance is not the echo; its gradient never links an "
                      f"output to the input {delay} steps back")

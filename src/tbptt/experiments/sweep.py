@@ -317,7 +317,10 @@ def summary_line(comparison: Comparison) -> str:
                 and math.isfinite(r["time_to_target"])]
     if comparison.target is not None and reliable:
         soonest = min(reliable, key=lambda r: r["time_to_target"])
-        name = "it also" if soonest is best else soonest["config"]
-        line += (f"; soonest to reach {meta['metric_name']} {comparison.target:.4g} in every run: {name} "
-                 f"({soonest['time_to_target']:.1f} CPU s to target)")
+        goal = f"{meta['metric_name']} {comparison.target:.4g} in every run"
+        seconds = f"{soonest['time_to_target']:.1f} CPU s to target"
+        if soonest is best:
+            line += f"; it was also the soonest to reach {goal} ({seconds})"
+        else:
+            line += f"; soonest to reach {goal}: {soonest['config']} ({seconds})"
     return line
