@@ -195,6 +195,6 @@ def plot_lag_profiles(profiles: dict, path: Path, fraction: float = 0.01, depend
     ax.set_xlabel("lag tau (steps)")
     ax.set_ylabel("mean ||d l_t / d s_{t-tau}||")
     ax.set_title((title + "\n" if title else "gradient against lag\n")
-                 + f"dotted: recommended k2; a window of k2 steps keeps lags < k2, the lags it drops "
-                 f"(k2 on) carry at most {fraction:g} of the mass", fontsize=9)
+                 + f"dotted: recommended k2; the lags a k2-step window drops (k2 on) carry <= {fraction:g} of the mass",
+                 fontsize=9)
     return _finish(fig, ax, path)
