@@ -73,7 +73,6 @@ def naive_stored(model, x, y, k1, k2, errors="new"):
             if t >= loss_start:
                 losses.append(mse_steps(o, y[:, t : t + 1]))
         loss = torch.cat(losses, dim=1).mean()
-        names = [n for n, _ in model.named_parameters()]
         total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
         leaves = [w for c in copies.values() for w in c.values()]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)

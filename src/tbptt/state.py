@@ -6,7 +6,7 @@ Every helper maps over the tensor leaves of a state (``torch.utils._pytree``), s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -83,17 +83,3 @@ def reset_rows(state: State, rows: torch.Tensor) -> State:
         return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     return map_tensors(leaf, state)
-
-
-def same_structure(a: State, b: State) -> bool:
-    """Whether two states nest alike with tensors of the same shapes."""
-    spec_a = pytree.tree_flatten(a)[1]
-    spec_b = pytree.tree_flatten(b)[1]
-    return spec_a == spec_b and shapes(a) == shapes(b)
-
-
-def describe(state: Optional[State]) -> str:
-    """A short text of a state's structure and shapes for error messages."""
-    if state is None:
-        return "None"
-    return f"{type(state).__name__} with tensor shapes {shapes(state)}"
