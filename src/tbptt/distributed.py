@@ -25,6 +25,7 @@ from . import state as st
 from .data import Split
 from .engine import UpdateResult
 from .fit import History, as_split
+from .steps import StepBuffer, reset_positions
 from .trainer import Trainer
 
 DEFAULT_TIMEOUT = 300.0
@@ -325,7 +326,8 @@ def _take_rows(state: Any, rows: int, a: int, b: int) -> Any:
 def _recut(saved: dict, positions: list[int], model: torch.nn.Module, reset_fn: Any) -> list[dict]:
     """A rank's stored segments cut at ``positions`` too (other ranks' resets): the state where
     a segment is cut is run forward from the segment's start under its weight snapshot."""
-    own = set(saved["reset_positions"])
+    steps = StepBuffer()
+    steps.load_state_dict(saved["chunks"])
     device = next(model.parameters()).device
     out = []
     for seg in saved["segments"]:
@@ -337,12 +339,11 @@ def _recut(saved: dict, positions: list[int], model: torch.nn.Module, reset_fn: 
             out.append({**seg, "start": a, "stop": b, "in_state": state})
             if b == seg["stop"]:
                 break
-            inputs = torch.cat([c[1][:, max(a - c[0], 0): b - c[0]] for c in saved["chunks"]
-                                if c[0] < b and c[0] + c[1].shape[1] > a], dim=1)
+            inputs = steps.slice(a, b).inputs
             entering = st.map_tensors(lambda x: x.to(device), state)
-            if a in own and entering is not None:
-                chunk = next(c for c in saved["chunks"] if c[0] <= a < c[0] + c[1].shape[1])
-                entering = reset_fn(entering, chunk[4][:, a - chunk[0]].to(device))
+            rows = steps.rows_reset_at(a)
+            if rows is not None and entering is not None:
+                entering = reset_fn(entering, rows.to(device))
             with torch.no_grad():
                 _, state = functional_call(model, weights, (inputs.to(device), entering))
             state = _to_cpu(state)
@@ -411,8 +412,7 @@ def shard_streams(saved: dict, rank: int, world: int, device: Any = "cpu") -> di
     a, b = rank * share, (rank + 1) * share
     chunks = [(c[0], c[1][a:b], c[2][a:b], None if c[3] is None else c[3][a:b], None if c[4] is None else c[4][a:b])
               for c in saved["chunks"]]
-    positions = sorted({c[0] + t for c in chunks if c[4] is not None
-                        for t in torch.nonzero(c[4].any(dim=0)).flatten().tolist()})
+    positions = sorted({p for c in chunks for p in reset_positions(c[4], c[0])})
     shapes = saved["state_shapes"]
     return move({
         **saved,
