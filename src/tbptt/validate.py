@@ -1,0 +1,114 @@
+"""Checks of argument values, with errors that name the value as the user wrote it.
+
+Pure Python, no torch: every layer may use them. Each raises an ``InvalidArgument`` (a
+``ValueError``, or a ``TypeError`` subclass for a value of the wrong kind) that carries the
+argument's name, so the command line can say ``--segment-length`` where Python says
+``segment_length`` (``InvalidArgument.renamed``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Iterable, Optional
+
+
+class InvalidArgument(ValueError):
+    """A bad argument value: ``name`` (as passed), the ``value`` and what was ``expected``.
+
+    The message reads ``"{name} must be {expected}; got {value!r}"`` plus an optional hint.
+    """
+
+    def __init__(self, name: str, value: Any, expected: str, hint: str = "") -> None:
+        self.name, self.value, self.expected, self.hint = name, value, expected, hint
+        super().__init__(self._message(name))
+
+    def _message(self, name: str) -> str:
+        hint = f"; {self.hint}" if self.hint else ""
+        return f"{name} must be {self.expected}; got {self.value!r}{hint}"
+
+    def renamed(self, name: str) -> "InvalidArgument":
+        """The same error under another name for the argument (a command-line flag, say)."""
+        error = type(self)(name, self.value, self.expected, self.hint)
+        error.__cause__ = self
+        return error
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of the wrong kind (a string where a number belongs)."""
+
+
+def as_int(value: object) -> Optional[int]:
+    """``value`` as an int if it is an integer of any kind (numpy's included, bool excluded), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def positive_int(value: object, name: str, what: str = "", none: str = "") -> Optional[int]:
+    """``value`` as a positive int; None passes (returned as None) when ``none`` says what it means.
+
+    ``what`` describes the unit (``"steps per call"``); the error reads, for instance,
+    ``segment_length must be a positive int (steps per call) or None (the whole split); got 0``.
+    """
+    expected = "a positive int" + (f" ({what})" if what else "") + (f" or None ({none})" if none else "")
+    if value is None and none:
+        return None
+    number = as_int(value)
+    if number is None:
+        kind = InvalidArgumentType if not isinstance(value, (int, float)) or isinstance(value, bool) else InvalidArgument
+        raise kind(name, value, expected)
+    if number < 1:
+        raise InvalidArgument(name, value, expected)
+    return number
+
+
+def non_negative_int(value: object, name: str, what: str = "") -> int:
+    """``value`` as an int >= 0."""
+    expected = "a non-negative int" + (f" ({what})" if what else "")
+    number = as_int(value)
+    if number is None:
+        raise InvalidArgumentType(name, value, expected)
+    if number < 0:
+        raise InvalidArgument(name, value, expected)
+    return number
+
+
+def positive_number(value: object, name: str, what: str = "", none: str = "") -> Optional[float]:
+    """``value`` as a finite number > 0 (as a float); None passes when ``none`` says what it means."""
+    expected = "a positive number" + (f" ({what})" if what else "") + (f" or None ({none})" if none else "")
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and as_int(value) is None:
+        try:
+            number = float(value)  # numpy floats, 0-d tensors
+        except (TypeError, ValueError):
+            raise InvalidArgumentType(name, value, expected) from None
+    else:
+        number = float(value)  # type: ignore[arg-type]
+    if not (math.isfinite(number) and number > 0):
+        raise InvalidArgument(name, value, expected)
+    return number
+
+
+def fraction(value: object, name: str, what: str = "") -> float:
+    """``value`` as a number strictly between 0 and 1."""
+    expected = "a number between 0 and 1 (exclusive)" + (f" ({what})" if what else "")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgumentType(name, value, expected) from None
+    if isinstance(value, bool) or not 0 < number < 1:
+        raise InvalidArgument(name, value, expected)
+    return number
+
+
+def one_of(value: object, name: str, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``."""
+    options = tuple(choices)
+    if value not in options:
+        raise InvalidArgument(name, value, "one of " + ", ".join(repr(c) for c in options))
+    return value
