@@ -23,8 +23,8 @@ from .models import RecurrentNet
 from .diagnostics import LagProfile, gradient_vs_lag, recommend_k2
 from .distributed import DistributedError, DistributedTrainer, init_from_env
 from .experiments import Comparison, compare
-from .fit import History
-from .trainer import NonFiniteError, Trainer, UpdateRecord
+from .records import History, NonFiniteError, UpdateRecord
+from .trainer import Trainer
 
 __all__ = [
     "TBPTT",

@@ -6,19 +6,18 @@ during a save leaves the previous checkpoint whole. Non-finite weights are never
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
+from .files import PathLike, atomic_write
+
 FORMAT = "tbptt-checkpoint"
 VERSION = 1
-PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
@@ -56,19 +55,7 @@ def save(payload: dict[str, Any], path: PathLike) -> Path:
     path = Path(path)
     if not finite(payload.get("model", {})):
         raise CheckpointError(f"refusing to save non-finite weights to {path}; the previous checkpoint is kept")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
 def load(path: PathLike) -> dict[str, Any]:

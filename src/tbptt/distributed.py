@@ -17,15 +17,14 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.func import functional_call
-from torch.utils import _pytree as pytree
 
 from . import checkpoint as ckpt
 from . import state as st
-from .data import Split
+from .data.streams import Split
 from .engine import UpdateResult
-from .fit import History, as_split
-from .steps import StepBuffer, reset_positions
+from .data.streams import as_split
+from .records import History
+from .stream_state import StreamState, merge_rows
 from .trainer import Trainer
 
 DEFAULT_TIMEOUT = 300.0
@@ -101,7 +100,7 @@ class DistributedTrainer(Trainer):
     def shard(self, data: Any) -> Split:
         """This rank's contiguous share of the rows of a split (``Split.rows(rank, world)``)."""
         split = as_split(data, "data")
-        return Split(split.inputs, split.targets, split.mask, split.resets).rows(self.rank, self.world_size)
+        return split.rows(self.rank, self.world_size)
 
     def reduce(self, result: UpdateResult) -> UpdateResult:
         """The update as if one process held every rank's rows: gradients and loss weighted by each
@@ -283,143 +282,25 @@ def _fingerprint(split: Any) -> tuple:
     return tuple(None if p is None else (tuple(p.shape), float(p.double().sum())) for p in parts)
 
 
-def _to_cpu(tree: Any) -> Any:
+def _to_cpu(saved: dict) -> dict:
     # a copy: the open block's steps are views of the whole split, whose storage pickling would carry
-    return pytree.tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stream states of all B rows from the ranks' shares and back. An engine state (StreamEngine.
-# state_dict) holds row-indexed tensors: carried states, the open block's steps and, for the stored
-# strategy, the entering states of kept segments.
-def _rows_dim(shape: tuple[int, ...], rows: int) -> int:
-    if len(shape) >= 2 and shape[0] == rows and shape[1] == rows:
-        raise ValueError(
-            f"a state tensor of shape {shape} has {rows} in both its first dimensions, so which one indexes "
-            f"the {rows} streams is ambiguous; resume with the world size that was saved, or choose a "
-            "number of rows per rank that differs from the state's other sizes (e.g. the layers)"
-        )
-    try:
-        return st.batch_dim(torch.empty(shape, device="meta"), rows)
-    except ValueError:
-        raise ValueError(
-            f"a state tensor of shape {shape} has no dimension of size {rows} (the streams); states "
-            "whose tensors are not indexed by the rows cannot be split among ranks"
-        ) from None
-
-
-def _cat_rows(states: list[Any], rows: int) -> Any:
-    flat = [pytree.tree_flatten(s) for s in states]
-    leaves = []
-    for parts in zip(*(f[0] for f in flat)):
-        if isinstance(parts[0], torch.Tensor):
-            leaves.append(torch.cat(parts, dim=_rows_dim(tuple(parts[0].shape), rows)))
-        else:
-            leaves.append(parts[0])
-    return pytree.tree_unflatten(leaves, flat[0][1])
-
-
-def _take_rows(state: Any, rows: int, a: int, b: int) -> Any:
-    return st.map_tensors(lambda x: x.narrow(_rows_dim(tuple(x.shape), rows), a, b - a), state)
-
-
-def _recut(saved: dict, positions: list[int], model: torch.nn.Module, reset_fn: Any) -> list[dict]:
-    """A rank's stored segments cut at ``positions`` too (other ranks' resets): the state where
-    a segment is cut is run forward from the segment's start under its weight snapshot."""
-    steps = StepBuffer()
-    steps.load_state_dict(saved["chunks"])
-    device = next(model.parameters()).device
-    out = []
-    for seg in saved["segments"]:
-        bounds = [seg["start"], *[p for p in positions if seg["start"] < p < seg["stop"]], seg["stop"]]
-        state = seg["in_state"]
-        weights = {**saved["snapshots"][seg["weights"]], **dict(model.named_buffers())}
-        weights = {n: w.to(device) for n, w in weights.items()}
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            out.append({**seg, "start": a, "stop": b, "in_state": state})
-            if b == seg["stop"]:
-                break
-            inputs = steps.slice(a, b).inputs
-            entering = st.map_tensors(lambda x: x.to(device), state)
-            rows = steps.rows_reset_at(a)
-            if rows is not None and entering is not None:
-                entering = reset_fn(entering, rows.to(device))
-            with torch.no_grad():
-                _, state = functional_call(model, weights, (inputs.to(device), entering))
-            state = _to_cpu(state)
-    return out
-
-
-def merge_streams(shares: list[dict], model: torch.nn.Module, reset_fn: Any = st.reset_rows) -> dict:
-    """One engine state of all rows from the ranks' engine states (rank order = row order), the
-    state one process would hold; ``model`` and ``reset_fn`` rebuild stored segments where only
-    some ranks cut them (at their own resets)."""
-    first = shares[0]
-    for key in ("schedule", "strategy", "position", "previous"):
-        if any(s[key] != first[key] for s in shares):
-            raise ValueError(f"the ranks' streams differ in {key}: {[s[key] for s in shares]}")
-    if first["batch_size"] is None or len(shares) == 1:
-        return first
-    rows = first["batch_size"]
-    if any(s["batch_size"] != rows for s in shares):
-        raise ValueError(f"ranks hold different numbers of rows {[s['batch_size'] for s in shares]}; use Split.rows")
-    positions = sorted(set().union(*(s["reset_positions"] for s in shares)))
-    if any(s["segments"] for s in shares):
-        shares = [{**s, "segments": _recut(s, positions, model, reset_fn)} for s in shares]
-    cuts = [[(seg["start"], seg["stop"]) for seg in s["segments"]] for s in shares]
-    if any(c != cuts[0] for c in cuts):
-        raise ValueError(f"the ranks' stored segments do not line up: {cuts}")
-    keys = [k for k in first["states"] if all(k in s["states"] for s in shares)]
-
-    def flags(value: Optional[torch.Tensor], like: torch.Tensor, fill: bool) -> torch.Tensor:
-        return value if value is not None else torch.full(like.shape[:2], fill, dtype=torch.bool)
-
-    chunks = []
-    for parts in zip(*(s["chunks"] for s in shares)):
-        start, inputs = parts[0][0], torch.cat([c[1] for c in parts])
-        mask = None if all(c[3] is None for c in parts) else torch.cat([flags(c[3], c[1], True) for c in parts])
-        resets = None if all(c[4] is None for c in parts) else torch.cat([flags(c[4], c[1], False) for c in parts])
-        chunks.append((start, inputs, torch.cat([c[2] for c in parts]), mask, resets))
-    shapes = first["state_shapes"]
-    return {
-        **first,
-        "batch_size": rows * len(shares),
-        "states": {k: _cat_rows([s["states"][k] for s in shares], rows) for k in keys},
-        "chunks": chunks,
-        "reset_positions": positions,
-        "state_shapes": None if shapes is None else [_resized(s, rows, rows * len(shares)) for s in shapes],
-        "segments": [{**seg, "in_state": _cat_rows([s["segments"][i]["in_state"] for s in shares], rows)}
-                     for i, seg in enumerate(shares[0]["segments"])],
-    }
-
-
-def _resized(shape: tuple[int, ...], rows: int, new_rows: int) -> tuple[int, ...]:
-    d = _rows_dim(tuple(shape), rows)
-    return tuple(new_rows if i == d else n for i, n in enumerate(shape))
+    return StreamState.from_dict(saved).map_tensors(lambda x: x.detach().to("cpu", copy=True)).to_dict()
 
 
 def shard_streams(saved: dict, rank: int, world: int, device: Any = "cpu") -> dict:
-    """Rank ``rank`` of ``world``'s contiguous share of the rows of an engine state of all rows,
-    its tensors on ``device``."""
-    rows = saved["batch_size"]
-    move = lambda tree: pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)  # noqa: E731
-    if rows is None or world == 1:
-        return move(saved)
-    if rows % world:
-        raise ValueError(f"the checkpoint holds {rows} streams, which {world} ranks cannot share evenly; "
-                         f"resume on a number of ranks that divides {rows}")
-    share = rows // world
-    a, b = rank * share, (rank + 1) * share
-    chunks = [(c[0], c[1][a:b], c[2][a:b], None if c[3] is None else c[3][a:b], None if c[4] is None else c[4][a:b])
-              for c in saved["chunks"]]
-    positions = sorted({p for c in chunks for p in reset_positions(c[4], c[0])})
-    shapes = saved["state_shapes"]
-    return move({
-        **saved,
-        "batch_size": share,
-        "states": {k: _take_rows(v, rows, a, b) for k, v in saved["states"].items()},
-        "chunks": chunks,
-        "reset_positions": positions,
-        "state_shapes": None if shapes is None else [_resized(s, rows, share) for s in shapes],
-        "segments": [{**seg, "in_state": _take_rows(seg["in_state"], rows, a, b)} for seg in saved["segments"]],
-    })
+    """Rank ``rank`` of ``world``'s contiguous share of the rows of an engine state of all rows
+    (``StreamEngine.state_dict``), its tensors on ``device``."""
+    streams = StreamState.from_dict(saved)
+    rows = streams.batch_size
+    if rows is not None and world > 1:
+        if rows % world:
+            raise ValueError(f"the checkpoint holds {rows} streams, which {world} ranks cannot share evenly; "
+                             f"resume on a number of ranks that divides {rows}")
+        share = rows // world
+        streams = streams.take_rows(rank * share, (rank + 1) * share)
+    return streams.to(device).to_dict()
+
+
+def merge_streams(shares: list[dict], model: torch.nn.Module, reset_fn: Any = st.reset_rows) -> dict:
+    """One engine state of all rows from the ranks' engine states (rank order = row order)."""
+    return merge_rows([StreamState.from_dict(s) for s in shares], model, reset_fn).to_dict()

@@ -33,6 +33,7 @@ from .contract import LossFn, call_model, masked_sum, step_losses
 from .schedule import TBPTT, Update
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
+from .stream_state import StreamState
 
 Strategy = Literal["recompute", "stored"]
 STRATEGIES = ("recompute", "stored")
@@ -124,25 +125,16 @@ class StreamEngine:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
-        """The streams as they stand: position, carried states, the open block's buffered steps and,
-        for ``stored``, the weight snapshots and entering states of the kept activations (which
-        ``load_state_dict`` recomputes, bit for bit, instead of saving a graph)."""
+        """The streams as they stand (a ``StreamState`` as plain data): position, carried states, the
+        open block's buffered steps and, for ``stored``, the weight snapshots and entering states of
+        the kept activations (which ``load_state_dict`` recomputes, bit for bit, instead of saving a
+        graph)."""
         snapshots, segments = describe(self._segments)
-        return {
-            "schedule": str(self.schedule),
-            "strategy": self.strategy,
-            "position": self.position,
-            "previous": self.previous,
-            "states": dict(self._states),
-            "chunks": self._steps.state_dict(),
-            "reset_positions": sorted(self._steps.resets_at),
-            "batch_size": self._batch_size,
-            "state_shapes": self._state_shapes,
-            "forward_steps": self.forward_steps,
-            "backward_steps": self.backward_steps,
-            "snapshots": snapshots,
-            "segments": segments,
-        }
+        return StreamState(
+            str(self.schedule), self.strategy, self.position, self.previous, dict(self._states),
+            list(self._steps.parts), sorted(self._steps.resets_at), self._batch_size, self._state_shapes,
+            self.forward_steps, self.backward_steps, snapshots, segments,
+        ).to_dict()
 
     def load_state_dict(self, saved: dict) -> None:
         """Continue the streams saved by ``state_dict``."""
@@ -152,21 +144,20 @@ class StreamEngine:
                     f"the saved streams were run with {key} {saved.get(key)!r}, this engine uses "
                     f"{mine!r}; resume with the same {key}"
                 )
+        streams = StreamState.from_dict(saved)
         self.reset()
-        self.position = saved["position"]
-        self.previous = saved["previous"]
-        self._states = dict(saved["states"])
-        self._steps.load_state_dict(saved["chunks"])  # reset positions are found again from the flags
-        self._batch_size = saved["batch_size"]
-        self._state_shapes = None if saved["state_shapes"] is None else [tuple(s) for s in saved["state_shapes"]]
-        self.forward_steps = saved["forward_steps"]
-        self.backward_steps = saved["backward_steps"]
-        snapshots = [{n: w.clone().requires_grad_(True) for n, w in snap.items()} for snap in saved["snapshots"]]
+        self.position, self.previous = streams.position, streams.previous
+        self._states = dict(streams.states)
+        for chunk in streams.chunks:  # reset positions are found again from the flags
+            self._steps.append(chunk)
+        self._batch_size, self._state_shapes = streams.batch_size, streams.state_shapes
+        snapshots = [{n: w.clone().requires_grad_(True) for n, w in snap.items()} for snap in streams.snapshots]
         with torch.enable_grad():
-            for seg in saved["segments"]:
-                self._segments.append(self._run_segment(seg["start"], seg["stop"], seg["in_state"],
-                                                        snapshots[seg["weights"]], seg["random"]))
-        self.forward_steps = saved["forward_steps"]  # rebuilding is not new work
+            for seg in streams.segments:
+                self._segments.append(self._run_segment(seg.start, seg.stop, seg.in_state,
+                                                        snapshots[seg.weights], seg.random))
+        # rebuilding is not new work
+        self.forward_steps, self.backward_steps = streams.forward_steps, streams.backward_steps
 
     # ------------------------------------------------------------------------------------------
     def feed(

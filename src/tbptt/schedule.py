@@ -10,12 +10,14 @@ References: Williams & Peng (1990), BPTT(h; h'); Sutskever (2013), TBPTT(k1, k2)
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from .validate import non_negative_int, one_of, positive_int
+
 Errors = Literal["new", "window"]
 _ERRORS = ("new", "window")
+_N = "meaning n, the whole stream"
 
 
 @dataclass(frozen=True)
@@ -40,33 +42,6 @@ class Update:
         return self.stop - self.loss_start
 
 
-def _as_int(value: object) -> Optional[int]:
-    """``value`` as an int if it is an integer of any kind (numpy's included), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _check_k(name: str, value: object) -> Optional[int]:
-    if value is None:
-        return None
-    if _as_int(value) is None:
-        raise TypeError(
-            f"{name} must be a positive int or None (meaning n, the whole stream); "
-            f"got {value!r} of type {type(value).__name__}"
-        )
-    number = _as_int(value)
-    assert number is not None
-    if number < 1:
-        raise ValueError(
-            f"{name} must be a positive int or None (meaning n, the whole stream); got {value}"
-        )
-    return number
-
-
 @dataclass(frozen=True)
 class TBPTT:
     """Truncated backpropagation through time, TBPTT(k1, k2).
@@ -85,10 +60,9 @@ class TBPTT:
 
     def __post_init__(self) -> None:
         # stored as plain ints, so that numpy integers compare, hash and print alike
-        object.__setattr__(self, "k1", _check_k("k1", self.k1))
-        object.__setattr__(self, "k2", _check_k("k2", self.k2))
-        if self.errors not in _ERRORS:
-            raise ValueError(f"errors must be one of {_ERRORS}; got {self.errors!r}")
+        object.__setattr__(self, "k1", positive_int(self.k1, "k1", none=_N))
+        object.__setattr__(self, "k2", positive_int(self.k2, "k2", none=_N))
+        one_of(self.errors, "errors", _ERRORS)
 
     # ----------------------------------------------------------------------------------------
     # presets
@@ -168,12 +142,7 @@ class TBPTT:
 
     def updates(self, n: int) -> list[Update]:
         """Every update on a stream of ``n`` steps, in order."""
-        number = _as_int(n)
-        if number is None:
-            raise TypeError(f"n must be a non-negative int (the stream length); got {n!r} of type {type(n).__name__}")
-        if number < 0:
-            raise ValueError(f"n must be a non-negative int (the stream length); got {n!r}")
-        n = number
+        n = non_negative_int(n, "n", "the stream length")
         out: list[Update] = []
         previous = 0
         while previous < n:

@@ -129,11 +129,3 @@ class StepBuffer:
     def forget_before(self, position: int) -> None:
         self.parts = [p.slice(position, p.stop) if p.start < position else p for p in self.parts if p.stop > position]
         self.resets_at = {p for p in self.resets_at if p >= position}
-
-    def state_dict(self) -> list[tuple]:
-        return [(p.start, p.inputs, p.targets, p.mask, p.resets) for p in self.parts]
-
-    def load_state_dict(self, saved: list[tuple]) -> None:
-        self.parts, self.resets_at = [], set()
-        for part in saved:
-            self.append(Steps(*part))

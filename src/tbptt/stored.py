@@ -16,6 +16,7 @@ import torch
 
 from . import state as st
 from .contract import masked_sum
+from .stream_state import SegmentEntry
 
 
 @dataclass
@@ -76,7 +77,7 @@ def window_gradient(
     return loss, count, grads
 
 
-def describe(segments: list[Segment]) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+def describe(segments: list[Segment]) -> tuple[list[dict[str, torch.Tensor]], list[SegmentEntry]]:
     """What rebuilds the segments: the distinct weight snapshots, and per segment its steps, its
     entering state, which snapshot it used and the random state and mode it ran in (dropout
     draws the same masks again). A graph is not saved; it is recomputed."""
@@ -87,6 +88,5 @@ def describe(segments: list[Segment]) -> tuple[list[dict[str, torch.Tensor]], li
         if id(seg.weights) not in index:
             index[id(seg.weights)] = len(snapshots)
             snapshots.append({n: w.detach() for n, w in seg.weights.items()})
-        entries.append({"start": seg.start, "stop": seg.stop, "in_state": st.detach(seg.in_state),
-                        "weights": index[id(seg.weights)], "random": seg.random})
+        entries.append(SegmentEntry(seg.start, seg.stop, st.detach(seg.in_state), index[id(seg.weights)], seg.random))
     return snapshots, entries

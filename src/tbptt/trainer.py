@@ -8,45 +8,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from . import state as st
-from .engine import LossFn, ResetFn, StreamEngine, Strategy, UpdateResult
+from .contract import LossFn
+from .engine import ResetFn, StreamEngine, Strategy, UpdateResult
+from .fit import FitLoop, FitOptions, evaluate
+from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT
-
-if TYPE_CHECKING:
-    from .fit import History
+from .validate import one_of, positive_number
 
 NonFinite = Literal["skip", "raise"]
-
-
-@dataclass(frozen=True)
-class UpdateRecord:
-    """What one update did: stream step (its position T), window, errors, loss, gradient norm
-    (before clipping), wall time in seconds, and whether it was skipped and why."""
-
-    step: int
-    start: int
-    loss_start: int
-    stop: int
-    loss: float
-    grad_norm: float
-    wall_time: float
-    skipped: bool = False
-    reason: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss or gradient, raised when the trainer is told to stop on one."""
-
-    records: list = []
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -91,12 +67,8 @@ class Trainer:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
-        if clip_grad_norm is not None and not (
-            isinstance(clip_grad_norm, (int, float)) and not isinstance(clip_grad_norm, bool) and clip_grad_norm > 0
-        ):
-            raise ValueError(f"clip_grad_norm must be a positive number or None; got {clip_grad_norm!r}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise'; got {nonfinite!r}")
+        positive_number(clip_grad_norm, "clip_grad_norm", none="no clipping")
+        one_of(nonfinite, "nonfinite", ("skip", "raise"))
         self.engine = StreamEngine(model, loss_fn, schedule, strategy, reset_fn, checkpoint_segments)
         self.model = model
         self.optimizer = optimizer
@@ -175,7 +147,7 @@ class Trainer:
         self.updates_applied = saved["trainer"]["updates_applied"]
         self.updates_skipped = saved["trainer"]["updates_skipped"]
 
-    def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> "History":
+    def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> History:
         """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
         ``(inputs, targets[, mask[, resets]])``); each epoch streams it from fresh states.
 
@@ -188,14 +160,10 @@ class Trainer:
         ``resume``, ``log`` (``.jsonl``/``.csv``), ``progress`` (None: a bar only on a terminal),
         ``max_seconds``. Returns the ``History``.
         """
-        from .fit import fit
-
-        return fit(self, train, epochs, valid, **options)
+        return FitLoop(self, train, valid, FitOptions(epochs=epochs, **options)).run()
 
     def evaluate(self, data: Any, metric: Optional[Callable] = None, segment_length: Optional[int] = None) -> dict:
         """Loss and metric on a split from fresh states, without gradient; training streams untouched."""
-        from .fit import evaluate
-
         return evaluate(self, data, metric, segment_length)
 
     def agree_to_stop(self, stop: bool) -> bool:
@@ -205,14 +173,10 @@ class Trainer:
 
     def save_checkpoint(self, payload: dict, path: Any) -> None:
         """Write ``fit``'s checkpoint (atomically; see ``tbptt.checkpoint``)."""
-        from . import checkpoint
-
         checkpoint.save(payload, path)
 
     def load_checkpoint(self, path: Any) -> dict:
         """Read a checkpoint written by ``save_checkpoint``."""
-        from . import checkpoint
-
         return checkpoint.load(path)
 
     def reset_state(self, flush: bool = True) -> list[UpdateRecord]:
@@ -259,7 +223,7 @@ class Trainer:
             reason = "no valid steps"
         if reason:
             self.updates_skipped += 1
-            return UpdateRecord(u.stop, u.start, u.loss_start, u.stop, loss_value, norm_value,
+            return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
                                 time.perf_counter() - started, True, reason)
         scale = 1.0
         if self.clip_grad_norm is not None:
@@ -270,5 +234,4 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates_applied += 1
-        return UpdateRecord(u.stop, u.start, u.loss_start, u.stop, loss_value, norm_value,
-                            time.perf_counter() - started)
+        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)

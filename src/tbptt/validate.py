@@ -59,8 +59,7 @@ def positive_int(value: object, name: str, what: str = "", none: str = "") -> Op
         return None
     number = as_int(value)
     if number is None:
-        kind = InvalidArgumentType if not isinstance(value, (int, float)) or isinstance(value, bool) else InvalidArgument
-        raise kind(name, value, expected)
+        raise InvalidArgumentType(name, value, expected)
     if number < 1:
         raise InvalidArgument(name, value, expected)
     return number
@@ -77,19 +76,33 @@ def non_negative_int(value: object, name: str, what: str = "") -> int:
     return number
 
 
+def _number(value: object, name: str, expected: str) -> float:
+    if isinstance(value, bool):
+        raise InvalidArgumentType(name, value, expected)
+    try:
+        return float(value)  # type: ignore[arg-type]  # ints, floats, numpy scalars, 0-d tensors
+    except (TypeError, ValueError):
+        raise InvalidArgumentType(name, value, expected) from None
+
+
 def positive_number(value: object, name: str, what: str = "", none: str = "") -> Optional[float]:
     """``value`` as a finite number > 0 (as a float); None passes when ``none`` says what it means."""
     expected = "a positive number" + (f" ({what})" if what else "") + (f" or None ({none})" if none else "")
     if value is None and none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and as_int(value) is None:
-        try:
-            number = float(value)  # numpy floats, 0-d tensors
-        except (TypeError, ValueError):
-            raise InvalidArgumentType(name, value, expected) from None
-    else:
-        number = float(value)  # type: ignore[arg-type]
+    number = _number(value, name, expected)
     if not (math.isfinite(number) and number > 0):
+        raise InvalidArgument(name, value, expected)
+    return number
+
+
+def non_negative_number(value: object, name: str, what: str = "", none: str = "") -> Optional[float]:
+    """``value`` as a finite number >= 0 (as a float); None passes when ``none`` says what it means."""
+    expected = "a number >= 0" + (f" ({what})" if what else "") + (f" or None ({none})" if none else "")
+    if value is None and none:
+        return None
+    number = _number(value, name, expected)
+    if not (math.isfinite(number) and number >= 0):
         raise InvalidArgument(name, value, expected)
     return number
 
@@ -97,11 +110,8 @@ def positive_number(value: object, name: str, what: str = "", none: str = "") ->
 def fraction(value: object, name: str, what: str = "") -> float:
     """``value`` as a number strictly between 0 and 1."""
     expected = "a number between 0 and 1 (exclusive)" + (f" ({what})" if what else "")
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidArgumentType(name, value, expected) from None
-    if isinstance(value, bool) or not 0 < number < 1:
+    number = _number(value, name, expected)
+    if not 0 < number < 1:
         raise InvalidArgument(name, value, expected)
     return number
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..validate import positive_int
+
 ArrayLike = Union[Tensor, np.ndarray]
 
 
@@ -81,13 +83,13 @@ class Split:
     def segments(self, length: int) -> Iterator["Split"]:
         """The split cut along time into consecutive pieces of ``length`` steps (the last may be
         shorter), in order: feed them one after another to ``Trainer.train_on``."""
-        _check_positive_int("length", length)
+        positive_int(length, "length", "steps per segment")
         for start in range(0, self.steps, length):
             yield self._select(slice(None), slice(start, start + length))
 
     def rows(self, rank: int, world: int) -> "Split":
         """The contiguous share of rows that rank ``rank`` of ``world`` data-parallel workers trains on."""
-        _check_positive_int("world", world)
+        positive_int(world, "world", "data-parallel workers")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
             raise ValueError(f"rank must be an int in [0, {world}) for world={world}; got {rank!r}")
         if self.batch_size % world:
@@ -108,6 +110,23 @@ class Split:
         return Split(pick(self.inputs), pick(self.targets), pick(self.mask), pick(self.resets))
 
 
+def as_split(data: object, name: str = "data") -> Split:
+    """``data`` as a ``Split``: a Split, any object with ``inputs`` and ``targets`` (and optionally
+    ``mask`` and ``resets``), or a tuple ``(inputs, targets[, mask[, resets]])``."""
+    if isinstance(data, Split):
+        return data
+    if isinstance(data, (tuple, list)):
+        if not 2 <= len(data) <= 4:
+            raise ValueError(f"{name} as a tuple must be (inputs, targets[, mask[, resets]]); got {len(data)} items")
+        return Split(*data)
+    if hasattr(data, "inputs") and hasattr(data, "targets"):
+        return Split(data.inputs, data.targets, getattr(data, "mask", None), getattr(data, "resets", None))
+    raise TypeError(
+        f"{name} must have .inputs and .targets (a tbptt.data.Split) or be a tuple "
+        f"(inputs, targets[, mask[, resets]]); got {type(data).__name__}"
+    )
+
+
 def stateful_streams(
     inputs: ArrayLike, targets: ArrayLike, batch_size: int, mask: Optional[ArrayLike] = None
 ) -> Split:
@@ -123,7 +142,7 @@ def stateful_streams(
     """
     x = _as_tensor("inputs", inputs)
     y = _as_tensor("targets", targets)
-    _check_positive_int("batch_size", batch_size)
+    positive_int(batch_size, "batch_size", "rows")
     if x.dim() < 1 or y.dim() < 1 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"inputs and targets must be aligned series [T, ...] of the same length; got shapes "
@@ -175,7 +194,7 @@ def packed_streams(
     document's own ``masks[i]`` is False), None when every step is valid. A row that receives no
     document is all padding.
     """
-    _check_positive_int("batch_size", batch_size)
+    positive_int(batch_size, "batch_size", "rows")
     docs = _documents(sequences_inputs, sequences_targets, masks)
     lengths = [0] * batch_size
     placement = []
@@ -190,7 +209,7 @@ def forecasting_pairs(series: ArrayLike, horizon: int = 1) -> tuple[Tensor, Tens
     """Inputs ``x[t]`` and targets ``x[t + horizon]`` from a series ``x[T]`` or ``x[T, F]``:
     two aligned series of ``T - horizon`` steps, shaped as the series."""
     x = _as_tensor("series", series)
-    _check_positive_int("horizon", horizon)
+    positive_int(horizon, "horizon", "steps ahead")
     if x.dim() not in (1, 2):
         raise ValueError(f"series must be [T] or [T, F]; got shape {tuple(x.shape)}")
     if x.shape[0] <= horizon:
@@ -270,8 +289,3 @@ def _as_tensor(name: str, value: ArrayLike) -> Tensor:
         # a copy: the caller's array (possibly read-only, e.g. from pandas) is never shared
         return torch.tensor(value)
     raise TypeError(f"{name} must be a torch.Tensor or numpy array; got {type(value).__name__}")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
