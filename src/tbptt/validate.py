@@ -65,6 +65,12 @@ def positive_int(value: object, name: str, what: str = "", none: str = "") -> Op
     return number
 
 
+def positive_ints(**values: object) -> None:
+    """``positive_int`` of each keyword's value, named by the keyword."""
+    for name, value in values.items():
+        positive_int(value, name)
+
+
 def non_negative_int(value: object, name: str, what: str = "") -> int:
     """``value`` as an int >= 0."""
     expected = "a non-negative int" + (f" ({what})" if what else "")

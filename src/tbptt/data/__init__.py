@@ -2,24 +2,14 @@
 (synthetic ones with a known dependency length, real ones loaded offline) with their baselines."""
 
 from .datasets import StandardScaler, co2_task, load_co2, load_sunspots, rmse_in_units, sunspots_task, text_task
-from .streams import Split, forecasting_pairs, packed_streams, padded_batch, stateful_streams
-from .tasks import (
-    TASKS,
-    Task,
-    accuracy,
-    adding_task,
-    bits_per_symbol,
-    copy_task,
-    cross_entropy,
-    echo_task,
-    load_task,
-    mean_squared_error,
-    squared_error,
-    task_options,
-)
+from .streams import Split, as_split, forecasting_pairs, packed_streams, padded_batch, stateful_streams
+from .synthetic import adding_task, copy_task, echo_task
+from .task import Task, accuracy, bits_per_symbol, cross_entropy, mean_squared_error, squared_error
+from .tasks import TASKS, load_task, task_options
 
 __all__ = [
     "Split",
+    "as_split",
     "stateful_streams",
     "padded_batch",
     "packed_streams",

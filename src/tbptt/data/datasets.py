@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .streams import Split, forecasting_pairs, stateful_streams
-from .tasks import Task, _check_ints, bits_per_symbol, cross_entropy, squared_error
+from ..validate import positive_ints
+from .task import Task, bits_per_symbol, cross_entropy, squared_error
 
 SERIES_FRACTIONS = (0.70, 0.15, 0.15)
 TEXT_FRACTIONS = (0.90, 0.05, 0.05)
@@ -117,7 +118,7 @@ def text_task(
     """
     if path is None:
         raise ValueError("the text task needs a file: load_task('text', path='corpus.txt')")
-    _check_ints(batch_size=batch_size, eval_batch_size=eval_batch_size)
+    positive_ints(batch_size=batch_size, eval_batch_size=eval_batch_size)
     text = Path(path).read_text(encoding=encoding)
     bounds = _bounds(len(text), TEXT_FRACTIONS)
     alphabet = tuple(sorted(set(text[: bounds[1]]))) + (UNKNOWN,)
@@ -149,7 +150,7 @@ def _forecasting_task(
     ``difference``, scaled with the training part's statistics; each split's targets are its own
     steps. The metric and the persistence baseline are in the series' units either way: a change
     forecast's error is the error of the level forecast x[t] + change."""
-    _check_ints(batch_size=batch_size, eval_batch_size=eval_batch_size, horizon=horizon)
+    positive_ints(batch_size=batch_size, eval_batch_size=eval_batch_size, horizon=horizon)
     if not isinstance(difference, bool):
         raise ValueError(f"difference must be True or False; got {difference!r}")
     raw = torch.tensor(values, dtype=torch.float64).reshape(len(values), -1)
