@@ -13,7 +13,7 @@ import torch
 
 from tbptt import TBPTT
 from tbptt import bench
-from tbptt._bench_jobs import Workload, cell_recipe_job, detach_loop_job, trainer_job
+from tbptt.bench.jobs import Job, Workload, cell_recipe_job, detach_loop_job, trainer_job
 from tbptt.cli import main
 
 TINY = bench.quick_config(batch=3, inputs=3, hidden=5, outputs=2, n=40, k=8, k1=4, k2=12, long_n=40,
@@ -71,7 +71,7 @@ def test_markdown_and_json(result: bench.BenchResult) -> None:
     assert len(back["rows"]) == len(result.rows) and back["config"]["hidden"] == 5
 
 
-def _trained(job: bench.Job) -> list[torch.Tensor]:
+def _trained(job: Job) -> list[torch.Tensor]:
     run, params = job()
     run()
     return [p.detach().clone() for p in params]

@@ -198,8 +198,8 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("clip", -1.0, "clip must be a positive number, or None"),
-    ("clip", 0.0, "clip must be a positive number, or None"),
+    ("clip", -1.0, "clip must be a positive number or None"),
+    ("clip", 0.0, "clip must be a positive number or None"),
     ("hidden", 0, "hidden must be a positive int"),
     ("cell", "transformer", "cell must be one of"),
     ("segment_length", 0, "segment_length must be a positive int"),

@@ -13,7 +13,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -259,15 +259,12 @@ class FitLoop:
         return True
 
     # ------------------------------------------------------------------------------------------
-    def _progress_bar(self) -> Any:
+    def _progress_bar(self) -> Optional["_Bar"]:
         o = self.options
         show = sys.stderr.isatty() if o.progress is None else o.progress
         if not show:
             return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=len(self.pieces), initial=self.progress.piece,
-                    desc=f"epoch {self.progress.epoch + 1}/{o.epochs}", leave=False, file=sys.stderr)
+        return _Bar(len(self.pieces), self.progress.piece, f"epoch {self.progress.epoch + 1}/{o.epochs}")
 
     def _run_epoch(self) -> bool:
         """Feed the epoch's remaining segments; True if the time budget stopped it inside."""
@@ -278,9 +275,7 @@ class FitLoop:
                 last = p.piece == len(self.pieces) - 1
                 records = self._train_piece(*self.pieces[p.piece], last)
                 if bar is not None:
-                    bar.update(1)
-                    if records:
-                        bar.set_postfix(loss=f"{records[-1].loss:.4g}")
+                    bar.advance(records[-1].loss if records else None)
                 if o.checkpoint_every is not None and self.since_save >= o.checkpoint_every and not last:
                     self.since_save = 0
                     if not self._save():
@@ -364,6 +359,26 @@ class FitLoop:
             history.stopped_by, self.stop = history.stopped_by or "diverged", True
         if self.trainer.agree_to_stop(self.stop) and not self.stop:
             history.stopped_by, self.stop = "another process", True
+
+
+class _Bar:
+    """An epoch's segments as a transient progress bar on standard error (rich)."""
+
+    def __init__(self, total: int, done: int, description: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.task = self.progress.add_task(description, total=total, completed=done, loss="")
+        self.progress.start()
+
+    def advance(self, loss: Optional[float]) -> None:
+        self.progress.update(self.task, advance=1, **({} if loss is None else {"loss": f"loss {loss:.4g}"}))
+
+    def close(self) -> None:
+        self.progress.stop()
 
 
 def fit(trainer: FitTrainer, train: Any, valid: Any = None, **options: Any) -> History:

@@ -115,7 +115,7 @@ def non_negative_number(value: object, name: str, what: str = "", none: str = ""
 
 def fraction(value: object, name: str, what: str = "") -> float:
     """``value`` as a number strictly between 0 and 1."""
-    expected = "a number between 0 and 1 (exclusive)" + (f" ({what})" if what else "")
+    expected = "a number in (0, 1)" + (f", {what}" if what else "")
     number = _number(value, name, expected)
     if not 0 < number < 1:
         raise InvalidArgument(name, value, expected)

@@ -8,8 +8,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from rich.console import Console
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -56,6 +54,8 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from ..bench import format_markdown, run_suite
 
     err = Console(stderr=True)

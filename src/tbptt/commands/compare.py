@@ -4,84 +4,11 @@ stability and speed per configuration."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-
-def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
-    """Options shared by the commands that train (compare, probe)."""
-    p.add_argument("--task", required=True, help="echo, adding, copy, co2, sunspots or text")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a task option, e.g. delay=8, steps=200, difference=false or path=book.txt (repeatable)")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run (default {epochs})")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
-    p.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="recurrent cell (default lstm)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 0.01)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default 1)")
-
-
-def check_run_options(args: argparse.Namespace) -> None:
-    """Reject bad values of the options every training command takes (--epochs, --hidden, --lr,
-    --clip) before any work starts."""
-    for name in ("epochs", "hidden"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive int; got {getattr(args, name)}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number; got {args.lr}")
-    if not (math.isfinite(args.clip) and args.clip >= 0):
-        raise ValueError(f"--clip must be a number >= 0 (0 turns clipping off); got {args.clip}")
-
-
-def task_options(name: str, items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as the task's options, each read as the type of its default
-    (true/false for a boolean)."""
-    from ..data import task_options as accepted
-
-    defaults = accepted(name)
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key not in defaults:
-            listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-            raise ValueError(f"bad --task-option {item!r}: task {name!r} takes KEY=VALUE with KEY one of: {listed}")
-        default = defaults[key]
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"bad --task-option {item!r}: {key} takes true or false")
-            options[key] = text.lower() in ("true", "1")
-        elif isinstance(default, (int, float)):
-            try:
-                options[key] = type(default)(text)
-            except ValueError:
-                raise ValueError(f"bad --task-option {item!r}: {key} takes a{'n' if isinstance(default, int) else ''} "
-                                 f"{type(default).__name__}, e.g. {key}={default}") from None
-        else:
-            options[key] = text
-    # a None default is a file the task cannot do without (the text task's corpus)
-    if defaults.get("path", "") is None and "path" not in options:
-        raise ValueError(f"task {name!r} reads a file: pass --task-option path=FILE")
-    return options
-
-
-def unreadable(exc: OSError) -> ValueError:
-    """A task's file that cannot be read, as the error a command prints."""
-    return ValueError(f"cannot read {exc.filename or 'the task file'}: {exc.strerror or exc}; "
-                      "check --task-option path")
-
-
-def load_task(name: str, items: list[str]):
-    """The task ``name`` with the ``KEY=VALUE`` options of a command line (ValueError on bad ones,
-    or on a file that cannot be read)."""
-    from ..data import load_task as load
-
-    options = task_options(name, items)
-    try:
-        return load(name, **options)
-    except OSError as exc:
-        raise unreadable(exc) from None
+from ..validate import positive_int, positive_number
+from .options import add_run_options, check_run_options, load_task, print_error, task_options
 
 
 def register(subparsers) -> None:
@@ -96,12 +23,6 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--config", action="append", required=True, metavar="K1,K2[@KEY=VALUE,...]",
                    help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 (keys lr, clip, strategy); repeatable")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                   help="adam (default) or plain sgd (no momentum)")
-    p.add_argument("--strategy", choices=("recompute", "stored"), default="recompute",
-                   help="how windows that overlap earlier updates are run (default recompute)")
-    p.add_argument("--segment-length", type=int, default=None,
-                   help="steps per train_on call (default: the whole split in one call)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop each run once it has trained this many seconds; the budget is checked between "
                    "train_on calls, so without --segment-length a run stops only at the end of an epoch")
@@ -116,10 +37,10 @@ def register(subparsers) -> None:
                    "rank 0 writes the report")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="distributed: seconds a rank waits for the others' runs before the job fails (default 3600)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
-def print_comparison(console: Console, comparison) -> None:
+def print_comparison(console: Any, comparison: Any) -> None:
     from ..experiments.sweep import summary_line
 
     for table in comparison.tables():
@@ -137,6 +58,8 @@ def print_comparison(console: Console, comparison) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from .. import distributed as tdist
     from ..experiments.sweep import compare
 
@@ -144,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
     distributed = False
     try:
         check_run_options(args)
-        if not (math.isfinite(args.timeout) and args.timeout > 0):
-            raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
+        positive_int(args.seeds, "--seeds")
+        if args.jobs is not None:
+            positive_int(args.jobs, "--jobs", "worker processes")
+        positive_number(args.timeout, "--timeout", "seconds")
         options = task_options(args.task, args.task_option)
         load_task(args.task, args.task_option)  # a missing file is reported here, before any run
         distributed = _join_ranks(args)
@@ -159,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress, console=console, distributed=distributed,
         )
     except (TypeError, ValueError, OSError, tdist.DistributedError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        print_error(exc, args.parser)
         return 2
     finally:
         if distributed:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
+from ..validate import positive_int
 from .compare import print_comparison
+from .options import print_error
 
 DELAY = 5
 
@@ -125,20 +125,17 @@ def _index(out: Path, reports: list[tuple[DemoPart, Path]], seconds: float) -> P
     return path
 
 
-def _check(args: argparse.Namespace) -> None:
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be a positive int; got {args.seeds}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be a positive int (worker processes); got {args.jobs}")
-
-
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from ..experiments.sweep import compare
 
     try:
-        _check(args)
+        positive_int(args.seeds, "--seeds")
+        if args.jobs is not None:
+            positive_int(args.jobs, "--jobs", "worker processes")
     except ValueError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         return 2
     console = Console()
     out = Path(args.out)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from .compare import add_run_options, check_run_options, load_task
+from ..validate import fraction, positive_int
+from .options import add_run_options, check_run_options, load_task, print_error
 
 
 def register(subparsers) -> None:
@@ -31,20 +30,19 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, metavar="K1,K2",
                    help="schedule of the short training (default L,L: TBPTT(L, L) with L = --max-lag)")
     p.add_argument("--png", default=None, help="plot file (default tbptt-report/probe-TASK.png)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def _check(args: argparse.Namespace) -> None:
     check_run_options(args)
     for name in ("max_lag", "positions", "rows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
-    if not 0 < args.fraction < 1:
-        raise ValueError(f"--fraction must be a number in (0, 1), e.g. 0.01; got {args.fraction}")
+        positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+    fraction(args.fraction, "--fraction", "e.g. 0.01")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from rich.console import Console
 
     from ..schedule import TBPTT
 
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-lag {args.max_lag} needs a validation stream longer than that; task "
                              f"{args.task!r} has {split.steps} steps: lower --max-lag or lengthen the task")
     except (TypeError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        print_error(exc, args.parser)
         return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small recurrent models: threads only contend
@@ -68,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
-def _probe(args: argparse.Namespace, task, schedule, split, console: Console) -> int:
+def _probe(args: argparse.Namespace, task: Any, schedule: Any, split: Any, console: Any) -> int:
     import torch
+    from rich.table import Table
 
     from ..diagnostics import gradient_vs_lag
     from ..experiments.plots import plot_lag_profiles
+    from ..experiments.runs import OPTIMIZERS
     from ..trainer import Trainer
 
     torch.manual_seed(args.seed)
@@ -86,9 +86,10 @@ def _probe(args: argparse.Namespace, task, schedule, split, console: Console) ->
                                resets=pick(split.resets))
 
     profiles = {"untrained": probe()}
-    trainer = Trainer(model, task.loss_fn, torch.optim.Adam(model.parameters(), lr=args.lr), schedule,
-                      clip_grad_norm=args.clip or None)
-    history = trainer.fit(task.train, epochs=args.epochs, valid=task.valid, metric=task.metric, progress=None)
+    trainer = Trainer(model, task.loss_fn, OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr), schedule,
+                      strategy=args.strategy, clip_grad_norm=args.clip or None)
+    history = trainer.fit(task.train, epochs=args.epochs, valid=task.valid, metric=task.metric, progress=None,
+                          segment_length=args.segment_length)
     metric = history.epochs[-1].get("valid_metric", float("nan"))
     profiles["trained"] = probe()
 

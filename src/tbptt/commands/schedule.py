@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
 from ..schedule import TBPTT
+from ..validate import positive_int
+from .options import print_error
 
 
 def register(subparsers) -> None:
@@ -38,16 +38,17 @@ def _schedule_text(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from ..experiments.timeline import cost_table, plot_schedule, render_timeline
 
     try:
         schedule = TBPTT.parse(_schedule_text(args), errors=args.errors)
-        if args.n < 1:
-            raise ValueError(f"--n must be a positive stream length; got {args.n}")
-        if args.width is not None and args.width < 1:
-            raise ValueError(f"--width must be a positive number of columns; got {args.width}")
+        positive_int(args.n, "--n", "the stream length")
+        if args.width is not None:
+            positive_int(args.width, "--width", "columns")
     except (TypeError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         return 2
     console = Console()
     # the row labels ("T=<n> ") take the left of each line

@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from typing import Any, get_args
+from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from ..data import TASKS
-from ..engine import STRATEGIES
-from ..models import Cell
+from ..experiments.runs import OPTIMIZERS
 from ..schedule import TBPTT
-from .compare import check_run_options, load_task
+from ..validate import positive_number
+from .options import add_run_options, check_run_options, load_task, print_error
 
 
 def register(subparsers) -> None:
@@ -34,20 +31,9 @@ def register(subparsers) -> None:
         "trains its share of the streams and rank 0 prints: "
         "torchrun --nproc_per_node 2 -m tbptt train --task echo --config 10,20 --distributed",
     )
-    p.add_argument("--task", required=True, choices=TASKS, help="the task to learn")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the task (repeatable), e.g. delay=8 or path=book.txt")
+    add_run_options(p)
     p.add_argument("--config", required=True, metavar="K1,K2",
                    help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="recompute",
-                   help="windows recomputed at the current weights (exact) or stored as first computed")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training streams (default 10)")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
-    p.add_argument("--cell", choices=get_args(Cell), default="lstm", help="recurrent cell (default lstm)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default 1e-2)")
-    p.add_argument("--clip", type=float, default=1.0, help="clip each update's gradient norm (0: off; default 1)")
-    p.add_argument("--segment-length", type=int, default=None, metavar="STEPS",
-                   help="steps per train_on call (default: the whole stream in one call)")
     p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")
@@ -59,22 +45,23 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed: how long a rank waits for the others before the job fails (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def _check(args: argparse.Namespace) -> TBPTT:
     check_run_options(args)
-    if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout must be a positive number of seconds; got {args.timeout}")
+    if args.timeout is not None:
+        positive_number(args.timeout, "--timeout", "seconds")
     return TBPTT.parse(args.config)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from .. import distributed as tdist
     from ..checkpoint import CheckpointError
     from ..trainer import Trainer
 
-    errors = Console(stderr=True)
     distributed = args.distributed or tdist.in_torchrun_env()
     joined = False
     try:
@@ -85,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             joined = not torch.distributed.is_initialized()
             rank, world = tdist.init_from_env(timeout=args.timeout or tdist.DEFAULT_TIMEOUT)
     except (ValueError, TypeError, tdist.DistributedError) as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error(exc, args.parser)
         return 2
     console = Console(quiet=rank != 0)
     try:
@@ -95,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         if distributed and torch.distributed.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
         model = task.model(hidden=args.hidden, cell=args.cell).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
         kind = tdist.DistributedTrainer if distributed else Trainer
         trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=args.strategy,
                        clip_grad_norm=args.clip or None)
@@ -109,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
     except (ValueError, TypeError, CheckpointError) as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error(exc, args.parser)
         return 2
     except tdist.DistributedError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error(exc, args.parser)
         return 1
     finally:
         if joined:
@@ -120,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(console: Console, task: Any, history: Any, test_metric: float, world: int) -> None:
+def report(console: Any, task: Any, history: Any, test_metric: float, world: int) -> None:
     """The per-epoch table, the test metric against the baseline, and the training throughput."""
+    from rich.table import Table
+
     name = task.metric_name
     table = Table(title=f"{task.name}: {len(history.epochs)} epochs")
     for column in ("epoch", "train loss", "valid loss", f"valid {name}", "updates", "skipped", "seconds"):

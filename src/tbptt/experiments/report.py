@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rich.table import Table
-
+from ..files import atomic_write_text
 from .summary import Row, Run, label
 
 # (column title, row key, how to print it); the three groups answer the three questions
@@ -100,8 +99,10 @@ def _columns(group: str, meta: dict) -> list[tuple[str, str, str]]:
     return [(title.format(metric=meta.get("metric_name", "metric")), key, kind) for title, key, kind in GROUPS[group]]
 
 
-def terminal_tables(rows: Sequence[Row], meta: dict) -> list[Table]:
+def terminal_tables(rows: Sequence[Row], meta: dict) -> list[Any]:
     """Three rich tables (skill, stability, speed), one row per configuration."""
+    from rich.table import Table
+
     strategies = len({r["strategy"] for r in rows})
     direction = "higher" if meta.get("higher_is_better") else "lower"
     captions = {
@@ -131,20 +132,15 @@ def _flat(run: Run) -> dict[str, Any]:
     return {k: v for k, v in run.items() if not isinstance(v, (list, dict))}
 
 
-def _write_csv(path: Path, records: Sequence[dict]) -> None:
+def _csv_text(records: Sequence[dict]) -> str:
     keys: list[str] = []
     for r in records:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(records)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
 
 
 def _json_safe(value: Any) -> Any:
@@ -163,11 +159,9 @@ def write_results(out: Path, meta: dict, rows: Sequence[Row], runs: Sequence[Run
     runs.csv (one line per run); each written whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "summary": list(rows), "runs": list(runs)}
-    _atomic_write(out / "results.json", json.dumps(_json_safe(payload), indent=1))
+    atomic_write_text(out / "results.json", json.dumps(_json_safe(payload), indent=1))
     for name, records in (("results.csv", rows), ("runs.csv", [_flat(r) for r in runs])):
-        tmp = out / (name + ".tmp")
-        _write_csv(tmp, records)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, _csv_text(records))
 
 
 def _html_table(rows: Sequence[Row], meta: dict) -> str:
@@ -222,5 +216,5 @@ Target for time-to-target: {_g(meta.get('target'))}.</p>
 </body></html>
 """
     path = out / "report.html"
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     return path

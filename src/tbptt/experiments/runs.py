@@ -19,15 +19,12 @@ from ..diagnostics import grad_norm_summary, roughness
 from ..engine import STRATEGIES
 from ..models import Cell
 from ..schedule import TBPTT
+from ..validate import non_negative_int, one_of, positive_int, positive_number
 
 KEEP_UPDATES = 2000
 """Per-update records kept in a run's result (evenly thinned beyond this)."""
 
 CELLS: tuple[str, ...] = get_args(Cell)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 _OVERRIDES = {"lr": float, "clip": float, "strategy": str}
@@ -46,12 +43,10 @@ class Configuration:
     strategy: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
+        if self.strategy is not None:
+            one_of(self.strategy, "strategy", STRATEGIES)
         for name in ("lr", "clip"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number; got {value!r}")
+            positive_number(getattr(self, name), name, none="the sweep's setting")
 
     @classmethod
     def parse(cls, text: str) -> "Configuration":
@@ -105,30 +100,16 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         Configuration.parse(self.config)  # a bad configuration string fails here, with its message
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive int; got {self.epochs!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int; got {self.seed!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {self.optimizer!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
-        if not _positive_int(self.hidden):
-            raise ValueError(f"hidden must be a positive int (hidden units); got {self.hidden!r}")
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}; got {self.cell!r}")
-        if self.clip is not None and not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip)
-                                          and self.clip > 0):
-            raise ValueError(f"clip must be a positive number, or None for no clipping (0 on the command line); "
-                             f"got {self.clip!r}")
-        if self.segment_length is not None and not _positive_int(self.segment_length):
-            raise ValueError(f"segment_length must be a positive int (steps per train_on call) or None for the "
-                             f"whole split; got {self.segment_length!r}")
-        if self.max_seconds is not None and not (isinstance(self.max_seconds, (int, float))
-                                                 and math.isfinite(self.max_seconds) and self.max_seconds > 0):
-            raise ValueError(f"max_seconds must be a positive number of seconds or None; got {self.max_seconds!r}")
+        one_of(self.strategy, "strategy", STRATEGIES)
+        positive_int(self.epochs, "epochs")
+        non_negative_int(self.seed, "seed")
+        one_of(self.optimizer, "optimizer", tuple(OPTIMIZERS))
+        positive_number(self.lr, "lr")
+        positive_int(self.hidden, "hidden", "hidden units")
+        one_of(self.cell, "cell", CELLS)
+        positive_number(self.clip, "clip", none="no clipping; 0 on the command line")
+        positive_int(self.segment_length, "segment_length", "steps per train_on call", "the whole split")
+        positive_number(self.max_seconds, "max_seconds", "seconds", "no time budget")
 
     @property
     def configuration(self) -> Configuration:

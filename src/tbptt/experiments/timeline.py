@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
-
 from ..schedule import TBPTT
 
 OUTSIDE, ADVANCE, WINDOW, ERROR = 0, 1, 2, 3
@@ -75,9 +71,12 @@ def _shown_rows(count: int, max_rows: int) -> list[Optional[int]]:
     return list(range(head)) + [None] + list(range(count - tail, count))
 
 
-def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 30) -> Group:
+def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 30) -> Any:
     """A terminal timeline: one line per update, one character per step (or per bin of steps).
     Only the lines shown are built, so a long stream costs ``max_rows`` lines of ``width`` cells."""
+    from rich.console import Group
+    from rich.text import Text
+
     if not isinstance(schedule, TBPTT):
         raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
     if not isinstance(width, int) or width < 1:
@@ -112,8 +111,10 @@ def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 3
     return Group(*lines)
 
 
-def cost_table(schedule: TBPTT, n: int) -> Table:
+def cost_table(schedule: TBPTT, n: int) -> Any:
     """What the schedule costs on a stream of ``n`` steps, from ``schedule.cost(n)``."""
+    from rich.table import Table
+
     cost = schedule.cost(n)
     table = Table(title=f"cost of {schedule} on n={n}", show_header=True)
     table.add_column("quantity")

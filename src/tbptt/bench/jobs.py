@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .engine import StreamEngine
-from .models import RecurrentNet
-from .schedule import TBPTT
-from .trainer import Trainer
+from ..engine import StreamEngine
+from ..models import RecurrentNet
+from ..schedule import TBPTT
+from ..trainer import Trainer
 
 
 def per_step_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""The benchmark's sizes (``BenchConfig``, the presets), its rows and targets, and a run's result."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of one benchmark run. ``k``: TBPTT(k, k); ``k1 < k2``: the overlapping rows;
+    ``long_n``: the stream of the TBPTT(n, n) rows; ``memory_ns``/``memory_k2s``: the streams and
+    window lengths of the memory rows (at ``k1``); ``clock``: see ``timer``."""
+
+    batch: int = 32
+    inputs: int = 32
+    hidden: int = 256
+    outputs: int = 32
+    n: int = 1000
+    k: int = 32
+    k1: int = 16
+    k2: int = 64
+    long_n: int = 1000
+    memory_ns: tuple[int, ...] = (1000, 10000)
+    memory_k2s: tuple[int, ...] = (32, 64, 128)
+    repeats: int = 7
+    warmup: int = 1
+    threads: int = 1
+    device: str = "cpu"
+    clock: str = "auto"
+    seed: int = 0
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "inputs", "hidden", "outputs", "n", "k", "k1", "k2", "long_n", "repeats", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BenchConfig.{name} must be a positive int; got {value!r}")
+        if self.warmup < 0:
+            raise ValueError(f"BenchConfig.warmup must be >= 0; got {self.warmup!r}")
+        if not self.k1 < self.k2:
+            raise ValueError(f"the overlapping rows need k1 < k2; got k1={self.k1}, k2={self.k2}")
+        if len(self.memory_ns) < 2 or any(not isinstance(v, int) or v < 1 for v in self.memory_ns):
+            raise ValueError(f"memory_ns must hold at least two positive stream lengths; got {self.memory_ns!r}")
+        if any(not isinstance(v, int) or v < 1 for v in self.memory_k2s) or not self.memory_k2s:
+            raise ValueError(f"memory_k2s must hold positive window lengths; got {self.memory_k2s!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
+        if self.clock not in ("auto", "wall", "cpu"):
+            raise ValueError(f"clock must be 'auto', 'wall' or 'cpu'; got {self.clock!r}")
+        if self.clock == "cpu" and self.device == "cuda":
+            raise ValueError("clock 'cpu' cannot time CUDA work (it runs asynchronously); use 'wall' or 'auto'")
+
+    @property
+    def timer(self) -> Callable[[], float]:
+        """The clock runs are timed with. ``auto``: this process's CPU time on one CPU thread (the
+        work itself, whatever else a shared machine runs), wall time otherwise (CUDA: synchronised)."""
+        if self.clock == "wall" or (self.clock == "auto" and (self.device == "cuda" or self.threads > 1)):
+            return time.perf_counter
+        return time.process_time
+
+
+PRESETS = {
+    # CI-sized: about 20 s on one CPU thread; memory rows on streams of 500 and 5000 steps
+    "quick": BenchConfig(batch=16, inputs=16, hidden=64, outputs=16, n=512, k=32, k1=16, k2=64,
+                         long_n=512, memory_ns=(500, 5000), memory_k2s=(32, 64, 128), repeats=3),
+    # the README table
+    "full": BenchConfig(),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound on a ratio: ``ratio <= value`` or ``ratio >= value``."""
+
+    op: str
+    value: float
+    label: str
+
+    def met(self, ratio: Optional[float]) -> Optional[bool]:
+        if ratio is None or not math.isfinite(ratio):
+            return None
+        return ratio <= self.value if self.op == "<=" else ratio >= self.value
+
+
+@dataclass
+class Row:
+    """One line of the table. ``metric`` says whether ``ratio`` compares times or peak memory."""
+
+    configuration: str
+    reference: str
+    metric: str = "time"
+    ours_s: Optional[float] = None
+    reference_s: Optional[float] = None
+    ours_bytes: Optional[int] = None
+    reference_bytes: Optional[int] = None
+    ratio: Optional[float] = None
+    target: Optional[Target] = None
+    met: Optional[bool] = None
+    note: str = ""
+    ours_runs: list[float] = field(default_factory=list)
+    reference_runs: list[float] = field(default_factory=list)
+
+    def finish(self) -> "Row":
+        if self.ratio is None:
+            pair = (self.ours_s, self.reference_s) if self.metric == "time" else (self.ours_bytes, self.reference_bytes)
+            if pair[0] is not None and pair[1]:
+                self.ratio = pair[0] / pair[1]
+        if self.target is not None:
+            self.met = self.target.met(self.ratio)
+        return self
+
+
+@dataclass
+class BenchResult:
+    """The rows of one run, its configuration and the machine it ran on."""
+
+    config: BenchConfig
+    machine: dict[str, str]
+    rows: list[Row] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"config": asdict(self.config), "machine": self.machine, "rows": [asdict(r) for r in self.rows]}
+
+
+
+def quick_config(**overrides: object) -> BenchConfig:
+    """The quick preset with some sizes changed (tests use tiny ones)."""
+    return replace(PRESETS["quick"], **overrides)

@@ -1,0 +1,116 @@
+"""What the training commands (train, compare, probe) share: their options, declared once with
+choices taken from the registries they name (tasks, cells, strategies, optimizers), the reading of
+``--task-option KEY=VALUE``, and errors printed in the command line's terms (flags, not Python names).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..data import TASKS
+from ..engine import STRATEGIES
+from ..experiments.runs import CELLS, OPTIMIZERS
+from ..validate import InvalidArgument, non_negative_number, positive_int, positive_number
+
+
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=TASKS, help="the task to learn")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. delay=8, steps=200, difference=false or path=book.txt (repeatable)")
+
+
+def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
+    """The task, model and training options every command that trains takes."""
+    add_task_options(p)
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training streams (default {epochs})")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
+    p.add_argument("--cell", choices=CELLS, default="lstm", help="recurrent cell (default lstm)")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam",
+                   help="adam (default) or plain sgd (no momentum)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 0.01)")
+    p.add_argument("--clip", type=float, default=1.0, help="clip each update's gradient norm, 0 for none (default 1)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="recompute",
+                   help="windows that overlap earlier updates: recomputed at the current weights (exact, "
+                   "default) or stored as first computed (Williams & Peng)")
+    p.add_argument("--segment-length", type=int, default=None, metavar="STEPS",
+                   help="steps per train_on call (default: the whole split in one call)")
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """Reject bad values of the options ``add_run_options`` declares, before any work starts."""
+    positive_int(args.epochs, "--epochs")
+    positive_int(args.hidden, "--hidden", "hidden units")
+    positive_number(args.lr, "--lr")
+    non_negative_number(args.clip, "--clip", "0 turns clipping off")
+    if args.segment_length is not None:
+        positive_int(args.segment_length, "--segment-length", "steps per call")
+
+
+def flag_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -> Exception:
+    """``exc`` in the command line's terms: an ``InvalidArgument`` about ``segment_length`` becomes
+    one about ``--segment-length`` when the command has that flag."""
+    if not isinstance(exc, InvalidArgument) or exc.name.startswith("-"):
+        return exc
+    flag = "--" + exc.name.replace("_", "-")
+    if parser is not None and flag not in parser._option_string_actions:  # noqa: SLF001
+        return exc
+    return exc.renamed(flag)
+
+
+def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -> None:
+    """One red line on standard error: what is wrong, in flags."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/red] {flag_error(exc, parser)}", markup=True, highlight=False)
+
+
+def task_options(name: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as the task's options, each read as the type of its default
+    (true/false for a boolean)."""
+    from ..data import task_options as accepted
+
+    defaults = accepted(name)
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+            raise ValueError(f"bad --task-option {item!r}: task {name!r} takes KEY=VALUE with KEY one of: {listed}")
+        options[key] = _read_option(item, key, text, defaults[key])
+    # a None default is a file the task cannot do without (the text task's corpus)
+    if defaults.get("path", "") is None and "path" not in options:
+        raise ValueError(f"task {name!r} reads a file: pass --task-option path=FILE")
+    return options
+
+
+def _read_option(item: str, key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"bad --task-option {item!r}: {key} takes true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ValueError(f"bad --task-option {item!r}: {key} takes a{'n' if isinstance(default, int) else ''} "
+                             f"{type(default).__name__}, e.g. {key}={default}") from None
+    return text
+
+
+def unreadable(exc: OSError) -> ValueError:
+    """A task's file that cannot be read, as the error a command prints."""
+    return ValueError(f"cannot read {exc.filename or 'the task file'}: {exc.strerror or exc}; "
+                      "check --task-option path")
+
+
+def load_task(name: str, items: list[str]) -> Any:
+    """The task ``name`` with the ``KEY=VALUE`` options of a command line (ValueError on bad ones,
+    or on a file that cannot be read)."""
+    from ..data import load_task as load
+
+    options = task_options(name, items)
+    try:
+        return load(name, **options)
+    except OSError as exc:
+        raise unreadable(exc) from None
