@@ -197,7 +197,9 @@ def test_probe_command(tmp_path, capsys, monkeypatch):
         measured.append(kwargs["max_lag"])
         return diagnostics.LagProfile(list(range(1, 9)), [1.0, 0.5, 0.25, 0.01, 0.001, 0.0, 0.0, 0.0], 6)
 
-    monkeypatch.setattr(diagnostics, "gradient_vs_lag", known_curve)
+    from tbptt.commands import probe
+
+    monkeypatch.setattr(probe, "gradient_vs_lag", known_curve)
     png = tmp_path / "plots" / "probe.png"
     code = main(["probe", "--task", "echo", "--task-option", "steps=40", "--task-option", "eval_steps=30",
                  "--task-option", "batch_size=4", "--max-lag", "8", "--positions", "6", "--epochs", "1",

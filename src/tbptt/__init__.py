@@ -16,14 +16,14 @@ from .data import (
     stateful_streams,
     task_options,
 )
-from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
-from .schedule import TBPTT, Update
-from .state import detach, reset_rows
-from .models import RecurrentNet
 from .diagnostics import LagProfile, gradient_vs_lag, recommend_k2
 from .distributed import DistributedError, DistributedTrainer, init_from_env
+from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .experiments import Comparison, compare
+from .models import RecurrentNet
 from .records import History, NonFiniteError, UpdateRecord
+from .schedule import TBPTT, Update
+from .state import detach, reset_rows
 from .trainer import Trainer
 
 __all__ = [

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import state as st
+from .validate import positive_int
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,41 +131,13 @@ def gradient_vs_lag(
     crosses it, so lags reaching past it count as zero).
     The model runs in eval mode and its weights are not changed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-        raise ValueError(f"inputs must be a tensor [B, T, ...]; got {getattr(inputs, 'shape', type(inputs).__name__)}")
-    batch, steps = inputs.shape[:2]
-    if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 1:
-        raise ValueError(f"max_lag must be a positive int; got {max_lag!r}")
-    if steps <= max_lag:
-        raise ValueError(
-            f"the probe needs more steps than max_lag: got T={steps} steps for max_lag={max_lag}; "
-            f"pass at least {max_lag + 1} steps or lower max_lag"
-        )
-    if not isinstance(positions, int) or positions < 1:
-        raise ValueError(f"positions must be a positive int; got {positions!r}")
-    if tuple(targets.shape[:2]) != (batch, steps):
-        raise ValueError(f"targets must match inputs in [B, T] = {(batch, steps)}; got {tuple(targets.shape[:2])}")
-
-    count = min(positions, steps - max_lag)
-    if count == 1:
-        ts = [steps - 1]
-    else:
-        ts = sorted({round(max_lag + i * (steps - 1 - max_lag) / (count - 1)) for i in range(count)})
-
+    batch, steps = _check_probe(model, inputs, targets, max_lag, positions)
+    ts = _probe_steps(steps, max_lag, positions)
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            states, outputs = [], []
-            s = state
-            for t in range(ts[-1] + 1):
-                if resets is not None and s is not None and bool(resets[:, t].any()):
-                    s = st.reset_rows(s, resets[:, t].bool())
-                out, s = model(inputs[:, t : t + 1], s)
-                outputs.append(out)
-                states.append(s)
+            outputs, states = _run_step_by_step(model, inputs, state, resets, ts[-1] + 1)
             sums = torch.zeros(max_lag, dtype=torch.float64)
             weight = 0.0
             for t in ts:
@@ -174,16 +147,7 @@ def gradient_vs_lag(
                 rows = torch.ones(batch, dtype=torch.bool) if mask is None else mask[:, t].bool().cpu()
                 if not rows.any():
                     continue
-                # rows do not interact, so the gradient of the summed loss holds each row's own
-                leaves = [st.tensors(states[t - tau]) for tau in range(1, max_lag + 1)]
-                flat = [leaf for group in leaves for leaf in group]
-                grads = torch.autograd.grad(losses[rows.to(losses.device), 0].sum(), flat,
-                                            retain_graph=True, allow_unused=True)
-                offset = 0
-                for i, group in enumerate(leaves):
-                    per_row = _row_norms_squared(grads[offset : offset + len(group)], group, batch).sqrt()
-                    offset += len(group)
-                    sums[i] += per_row[rows].sum()
+                sums += _lag_norms(losses[rows.to(losses.device), 0].sum(), states, t, max_lag, batch)[:, rows].sum(1)
                 weight += float(rows.sum())
     finally:
         model.train(was_training)
@@ -191,6 +155,61 @@ def gradient_vs_lag(
         raise ValueError("the mask leaves no valid (row, step) pair to probe")
     norms = (sums / weight).tolist()
     return LagProfile(list(range(1, max_lag + 1)), norms, len(ts))
+
+
+def _check_probe(model: object, inputs: object, targets: torch.Tensor, max_lag: int, positions: int) -> tuple[int, int]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError(f"inputs must be a tensor [B, T, ...]; got {getattr(inputs, 'shape', type(inputs).__name__)}")
+    batch, steps = inputs.shape[:2]
+    positive_int(max_lag, "max_lag")
+    if steps <= max_lag:
+        raise ValueError(
+            f"the probe needs more steps than max_lag: got T={steps} steps for max_lag={max_lag}; "
+            f"pass at least {max_lag + 1} steps or lower max_lag"
+        )
+    positive_int(positions, "positions")
+    if tuple(targets.shape[:2]) != (batch, steps):
+        raise ValueError(f"targets must match inputs in [B, T] = {(batch, steps)}; got {tuple(targets.shape[:2])}")
+    return batch, steps
+
+
+def _probe_steps(steps: int, max_lag: int, positions: int) -> list[int]:
+    """Up to ``positions`` steps t evenly spread over ``[max_lag, steps)``."""
+    count = min(positions, steps - max_lag)
+    if count == 1:
+        return [steps - 1]
+    return sorted({round(max_lag + i * (steps - 1 - max_lag) / (count - 1)) for i in range(count)})
+
+
+def _run_step_by_step(
+    model: nn.Module, inputs: torch.Tensor, state: st.State, resets: Optional[torch.Tensor], steps: int
+) -> tuple[list[torch.Tensor], list[st.State]]:
+    """The outputs and the state after each of the first ``steps`` steps, one model call per step."""
+    states, outputs = [], []
+    s = state
+    for t in range(steps):
+        if resets is not None and s is not None and bool(resets[:, t].any()):
+            s = st.reset_rows(s, resets[:, t].bool())
+        out, s = model(inputs[:, t : t + 1], s)
+        outputs.append(out)
+        states.append(s)
+    return outputs, states
+
+
+def _lag_norms(loss: torch.Tensor, states: list[st.State], t: int, max_lag: int, batch: int) -> torch.Tensor:
+    """``[max_lag, B]``: per row, the norm of d loss / d s_{t - tau} for tau = 1..max_lag. Rows do not
+    interact, so the gradient of the loss summed over rows holds each row's own."""
+    leaves = [st.tensors(states[t - tau]) for tau in range(1, max_lag + 1)]
+    flat = [leaf for group in leaves for leaf in group]
+    grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
+    out = torch.zeros(max_lag, batch, dtype=torch.float64)
+    offset = 0
+    for i, group in enumerate(leaves):
+        out[i] = _row_norms_squared(grads[offset : offset + len(group)], group, batch).sqrt()
+        offset += len(group)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,9 +20,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import state as st
-from .data.streams import Split
+from .data.streams import Split, as_split
 from .engine import UpdateResult
-from .data.streams import as_split
 from .records import History
 from .stream_state import StreamState, merge_rows
 from .trainer import Trainer

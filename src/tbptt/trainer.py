@@ -16,7 +16,7 @@ from torch import nn
 from . import checkpoint
 from . import state as st
 from .contract import LossFn
-from .engine import ResetFn, StreamEngine, Strategy, UpdateResult
+from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Sizes of one benchmark run. ``k``: TBPTT(k, k); ``k1 < k2``: the overlapping rows;

@@ -83,7 +83,7 @@ def row_keras(config: BenchConfig) -> Row:
     configuration, reference = f"{s} Trainer, n={config.n}", "Keras 3 stateful LSTM, train_on_batch per chunk"
     if importlib.util.find_spec("keras") is None:
         return Row(configuration, reference, note="not installed (pip install keras)")
-    from ._bench_jobs import keras_stateful_job
+    from .jobs import keras_stateful_job
 
     # the same framework underneath unless the user chose another Keras backend
     os.environ.setdefault("KERAS_BACKEND", "torch")

@@ -7,8 +7,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as tdist
+from ..experiments.sweep import compare, summary_line
 from ..validate import positive_int, positive_number
-from .options import add_run_options, check_run_options, load_task, print_error, task_options
+from .options import (
+    add_run_options,
+    check_run_options,
+    load_task,
+    print_error,
+    task_options,
+)
 
 
 def register(subparsers) -> None:
@@ -41,8 +49,6 @@ def register(subparsers) -> None:
 
 
 def print_comparison(console: Any, comparison: Any) -> None:
-    from ..experiments.sweep import summary_line
-
     for table in comparison.tables():
         console.print(table)
     failed = [r for r in comparison.runs if r["status"] == "failed"]
@@ -59,9 +65,6 @@ def print_comparison(console: Any, comparison: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from .. import distributed as tdist
-    from ..experiments.sweep import compare
 
     console = Console()
     distributed = False
@@ -99,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _join_ranks(args: argparse.Namespace) -> bool:
     """Join torchrun's process group when asked or when its environment is set."""
-    from .. import distributed as tdist
-
     if not (getattr(args, "distributed", False) or tdist.in_torchrun_env()):
         return False
     tdist.init_from_env("gloo", timeout=args.timeout)  # the sweep only exchanges results

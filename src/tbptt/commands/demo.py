@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..experiments.runs import Configuration
+from ..experiments.sweep import compare
 from ..validate import positive_int
 from .compare import print_comparison
 from .options import print_error
@@ -78,7 +80,6 @@ LEARNT = 0.5
 def echo_verdict(rows: list[dict], delay: int, chance: float) -> list[str]:
     """Which configurations learnt the delay (final accuracy > ``LEARNT``), those whose k2 exceeds
     the delay apart from those whose k2 does not, from the comparison's rows."""
-    from ..experiments.runs import Configuration
 
     lines = [f"learnt the delay = final accuracy > {LEARNT:g} (chance {chance:.3f}):"]
     notes = set()
@@ -127,8 +128,6 @@ def _index(out: Path, reports: list[tuple[DemoPart, Path]], seconds: float) -> P
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from ..experiments.sweep import compare
 
     try:
         positive_int(args.seeds, "--seeds")

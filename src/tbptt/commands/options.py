@@ -9,9 +9,16 @@ import argparse
 from typing import Any
 
 from ..data import TASKS
+from ..data import load_task as load
+from ..data import task_options as accepted
 from ..engine import STRATEGIES
 from ..experiments.runs import CELLS, OPTIMIZERS
-from ..validate import InvalidArgument, non_negative_number, positive_int, positive_number
+from ..validate import (
+    InvalidArgument,
+    non_negative_number,
+    positive_int,
+    positive_number,
+)
 
 
 def add_task_options(p: argparse.ArgumentParser) -> None:
@@ -68,8 +75,6 @@ def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -
 def task_options(name: str, items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings as the task's options, each read as the type of its default
     (true/false for a boolean)."""
-    from ..data import task_options as accepted
-
     defaults = accepted(name)
     options: dict[str, Any] = {}
     for item in items:
@@ -107,8 +112,6 @@ def unreadable(exc: OSError) -> ValueError:
 def load_task(name: str, items: list[str]) -> Any:
     """The task ``name`` with the ``KEY=VALUE`` options of a command line (ValueError on bad ones,
     or on a file that cannot be read)."""
-    from ..data import load_task as load
-
     options = task_options(name, items)
     try:
         return load(name, **options)

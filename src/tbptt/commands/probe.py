@@ -7,6 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..diagnostics import gradient_vs_lag
+from ..experiments.plots import plot_lag_profiles
+from ..experiments.runs import OPTIMIZERS
+from ..schedule import TBPTT
+from ..trainer import Trainer
 from ..validate import fraction, positive_int
 from .options import add_run_options, check_run_options, load_task, print_error
 
@@ -41,10 +48,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
-
-    from ..schedule import TBPTT
 
     console = Console()
     try:
@@ -67,13 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace, task: Any, schedule: Any, split: Any, console: Any) -> int:
-    import torch
     from rich.table import Table
-
-    from ..diagnostics import gradient_vs_lag
-    from ..experiments.plots import plot_lag_profiles
-    from ..experiments.runs import OPTIMIZERS
-    from ..trainer import Trainer
 
     torch.manual_seed(args.seed)
     model = task.model(hidden=args.hidden, cell=args.cell)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..experiments.timeline import cost_table, plot_schedule, render_timeline
 from ..schedule import TBPTT
 from ..validate import positive_int
 from .options import print_error
@@ -39,8 +40,6 @@ def _schedule_text(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from ..experiments.timeline import cost_table, plot_schedule, render_timeline
 
     try:
         schedule = TBPTT.parse(_schedule_text(args), errors=args.errors)

@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
+from .. import distributed as tdist
+from ..checkpoint import CheckpointError
 from ..experiments.runs import OPTIMIZERS
 from ..schedule import TBPTT
+from ..trainer import Trainer
 from ..validate import positive_number
 from .options import add_run_options, check_run_options, load_task, print_error
 
@@ -57,10 +60,6 @@ def _check(args: argparse.Namespace) -> TBPTT:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from .. import distributed as tdist
-    from ..checkpoint import CheckpointError
-    from ..trainer import Trainer
 
     distributed = args.distributed or tdist.in_torchrun_env()
     joined = False

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .streams import Split, forecasting_pairs, stateful_streams
 from ..validate import positive_ints
+from .streams import Split, forecasting_pairs, stateful_streams
 from .task import Task, bits_per_symbol, cross_entropy, squared_error
 
 SERIES_FRACTIONS = (0.70, 0.15, 0.15)

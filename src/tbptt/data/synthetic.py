@@ -12,7 +12,14 @@ import torch
 
 from ..validate import positive_ints
 from .streams import Split, packed_streams
-from .task import Task, accuracy, cross_entropy, mean_squared_error, split_generator, squared_error
+from .task import (
+    Task,
+    accuracy,
+    cross_entropy,
+    mean_squared_error,
+    split_generator,
+    squared_error,
+)
 
 
 def echo_task(

@@ -15,10 +15,12 @@ from typing import Any, Callable, Optional, get_args
 
 import torch
 
+from ..data import load_task
 from ..diagnostics import grad_norm_summary, roughness
 from ..engine import STRATEGIES
 from ..models import Cell
 from ..schedule import TBPTT
+from ..trainer import Trainer
 from ..validate import non_negative_int, one_of, positive_int, positive_number
 
 KEEP_UPDATES = 2000
@@ -219,12 +221,10 @@ _WARM = False
 
 
 def warm_up() -> None:
-    """Pay, once per process, the one-off costs that would land in the first run's time: importing
-    the training loop, and the lazy import torch makes on the first optimizer it builds."""
+    """Pay, once per process, the one-off cost that would land in the first run's time: the lazy
+    import torch makes on the first optimizer it builds."""
     global _WARM
     if not _WARM:
-        from .. import fit  # noqa: F401
-
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
         _WARM = True
 
@@ -255,39 +255,56 @@ def run_one(spec: RunSpec, emit: Optional[Callable[[tuple], None]] = None) -> di
 
 
 def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, Any]:
-    from ..data import load_task
-    from ..trainer import Trainer
-
     warm_up()
     started = time.perf_counter()
-    settings = spec.settings()
     try:
         task = load_task(spec.task, **dict(spec.task_options))
         started = time.perf_counter()  # the run's time, not loading the data
-        cpu_started = time.process_time()
-        random.seed(spec.seed)
-        torch.manual_seed(spec.seed)
-        model = task.model(hidden=spec.hidden, cell=spec.cell)
-        optimizer = OPTIMIZERS[spec.optimizer](model.parameters(), lr=settings["lr"])
-        trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
-                          clip_grad_norm=settings["clip"])
-        meter = GraphMemory()
-        clock = _EpochClock(cpu_started)
-        callbacks = [clock] + ([_EpochEvents(emit, spec.index)] if emit is not None else [])
-        with meter.hooks():
-            history = trainer.fit(task.train, epochs=spec.epochs, valid=task.valid, metric=task.metric,
-                                  segment_length=spec.segment_length, callbacks=callbacks, progress=False,
-                                  max_seconds=spec.max_seconds)
+        trained = _train(spec, task, emit)
     except Exception as exc:  # a broken run is reported, never allowed to end the sweep
         result = failed_run(spec, f"{type(exc).__name__}: {exc}", started)
         result["traceback"] = traceback.format_exc(limit=8)
         return result
+    result = failed_run(spec, "", started)
+    result.update(_outcome(task, trained, started))
+    return result
 
-    epochs = [{**e, "cpu_elapsed": seconds} for e, seconds in zip(history.epochs, clock.seconds)]
+
+@dataclass
+class _Trained:
+    trainer: Any
+    history: Any
+    meter: GraphMemory
+    clock: "_EpochClock"
+    cpu_started: float
+
+
+def _train(spec: RunSpec, task: Any, emit: Optional[Callable[[tuple], None]]) -> _Trained:
+    settings = spec.settings()
+    cpu_started = time.process_time()
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    model = task.model(hidden=spec.hidden, cell=spec.cell)
+    optimizer = OPTIMIZERS[spec.optimizer](model.parameters(), lr=settings["lr"])
+    trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
+                      clip_grad_norm=settings["clip"])
+    meter = GraphMemory()
+    clock = _EpochClock(cpu_started)
+    callbacks = [clock] + ([_EpochEvents(emit, spec.index)] if emit is not None else [])
+    with meter.hooks():
+        history = trainer.fit(task.train, epochs=spec.epochs, valid=task.valid, metric=task.metric,
+                              segment_length=spec.segment_length, callbacks=callbacks, progress=False,
+                              max_seconds=spec.max_seconds)
+    return _Trained(trainer, history, meter, clock, cpu_started)
+
+
+def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
+    """What a finished run reports: skill, stability and speed."""
+    history, trainer = run.history, run.trainer
+    epochs = [{**e, "cpu_elapsed": seconds} for e, seconds in zip(history.epochs, run.clock.seconds)]
     metrics = [e.get("valid_metric", math.nan) for e in epochs]
     # an update skipped with a finite norm had no gradient to speak of (no valid steps): no point
     norms = [math.nan if r.skipped and math.isfinite(r.grad_norm) else r.grad_norm for r in history.updates]
-    losses = [r.loss for r in history.updates]
     train_time = sum(r.wall_time for r in history.updates)
     # stream steps fed: whole epochs, and the open one's steps when a time budget stopped it inside
     complete = sum(not e.get("partial") for e in history.epochs)
@@ -295,8 +312,7 @@ def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, An
     last = epochs[-1] if epochs else {}
     diverged = history.diverged or not math.isfinite(last.get("valid_loss", math.nan))
     kept_norms, index = _thin(norms, KEEP_UPDATES)
-    result = failed_run(spec, "", started)
-    result.update(
+    return dict(
         status="diverged" if diverged else "ok",
         metric_name=task.metric_name, higher_is_better=task.higher_is_better, baseline=task.baseline["valid"],
         epochs=epochs,
@@ -305,7 +321,7 @@ def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, An
         final_valid_loss=last.get("valid_loss", math.nan),
         wall_time=time.perf_counter() - started,
         # CPU seconds of this process: on a shared machine, a steadier measure than wall time
-        cpu_time=time.process_time() - cpu_started,
+        cpu_time=time.process_time() - run.cpu_started,
         train_time=train_time,
         steps=steps,
         steps_per_s=steps / train_time if train_time > 0 else math.nan,
@@ -313,17 +329,16 @@ def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, An
         skipped=sum(r.skipped for r in history.updates),
         forward_steps=trainer.engine.forward_steps,
         backward_steps=trainer.engine.backward_steps,
-        peak_graph_mb=meter.peak / 2**20,
+        peak_graph_mb=run.meter.peak / 2**20,
         # per-update training losses are not comparable across schedules (one step's error for
         # TBPTT(1,n), a stream's mean for TBPTT(n,n)); the validation loss per epoch is
         roughness=roughness([e.get("valid_loss", math.nan) for e in epochs]),
         stopped_by=history.stopped_by,
         grad_norms=kept_norms,
-        update_losses=_thin(losses, KEEP_UPDATES)[0],
+        update_losses=_thin([r.loss for r in history.updates], KEEP_UPDATES)[0],
         update_index=index,
         **grad_norm_summary(norms),
     )
-    return result
 
 
 def estimated_cost(spec: RunSpec, steps: int) -> float:

@@ -15,13 +15,23 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from ..data import load_task
+from ..validate import positive_int
 from .plots import write_plots
 from .report import terminal_tables, write_html, write_results
-from .runs import Configuration, RunSpec, estimated_cost, failed_run, run_one, spec_dict, warm_up
+from .runs import (
+    Configuration,
+    RunSpec,
+    estimated_cost,
+    failed_run,
+    run_one,
+    spec_dict,
+    warm_up,
+)
 from .summary import Row, Run, summarize
 
 _EVENTS: Any = None  # the worker's queue to the parent, set by _init_worker
@@ -82,8 +92,6 @@ def _specs(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]], 
 
 
 def _meta(task_name: str, specs: list[RunSpec], options: dict) -> dict[str, Any]:
-    from ..data import load_task
-
     task = load_task(task_name, **dict(specs[0].task_options))
     settings = {k: v for k, v in spec_dict(specs[0]).items() if k not in ("config", "seed", "index", "task")}
     settings["task_options"] = dict(settings["task_options"])
@@ -140,14 +148,10 @@ def compare(
                    task_options=tuple(sorted((task_options or {}).items())))
     specs = _specs(task, configs, seeds, options)
     meta = _meta(task, specs, options)
-    if jobs is None:
-        jobs = default_jobs(distributed)
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive int (worker processes); got {jobs!r}")
+    jobs = default_jobs(distributed) if jobs is None else positive_int(jobs, "jobs", "worker processes")
     rank, world = _ranks(distributed)
     # longest runs first, so that the last to finish is a short one (results keep spec order)
     ordered = sorted(specs, key=lambda s: -estimated_cost(s, meta["train_steps"]))[rank::world]
-    jobs = max(1, min(jobs, len(ordered)))
     out_path = Path(out) if out is not None and rank == 0 else None
     results: dict[int, Run] = {}
 
@@ -158,16 +162,7 @@ def compare(
             rows, used = summarize(done, meta["baseline"], meta["higher_is_better"], target)
             write_results(out_path, {**meta, "target": used, "partial": len(done) < len(specs)}, rows, done)
 
-    interrupted = False
-    with _Progress(progress and rank == 0, len(ordered), epochs, console) as bar:
-        try:
-            if jobs == 1:
-                _run_here(ordered, bar, finished)
-            else:
-                _run_pool(ordered, jobs, bar, finished)
-        except KeyboardInterrupt:
-            interrupted = True
-
+    interrupted = _execute(ordered, jobs, _Progress(progress and rank == 0, len(ordered), epochs, console), finished)
     if world > 1:
         results, interrupted = _gather(results, interrupted)
     runs = [results[i] for i in sorted(results)]
@@ -175,13 +170,32 @@ def compare(
     meta = {**meta, "target": used, "interrupted": interrupted, "partial": len(runs) < len(specs)}
     comparison = Comparison(meta, runs, rows, used, interrupted=interrupted)
     if out_path is not None:
-        write_results(out_path, meta, rows, runs)
-        images = write_plots(out_path, runs, rows, meta) if runs else []
-        comparison.report = write_html(out_path, meta, rows, images, headline=summary_line(comparison))
-        comparison.files = [out_path / n for n in ("results.json", "results.csv", "runs.csv")]
-        comparison.files += [p for _, p in images if p is not None]
-        comparison.figure_errors = [caption for caption, p in images if p is None]
+        _write_report(comparison, out_path)
     return comparison
+
+
+def _execute(specs: list[RunSpec], jobs: int, bar: "_Progress", finished: Callable[[Run], None]) -> bool:
+    """Run ``specs`` (in this process, or in up to ``jobs`` workers); True if Ctrl-C stopped it."""
+    with bar:
+        try:
+            if min(jobs, len(specs)) <= 1:
+                _run_here(specs, bar, finished)
+            else:
+                _run_pool(specs, min(jobs, len(specs)), bar, finished)
+        except KeyboardInterrupt:
+            return True
+    return False
+
+
+def _write_report(comparison: Comparison, out: Path) -> None:
+    """The report folder of a finished (or interrupted) comparison: results, plots and report.html."""
+    meta, runs, rows = comparison.meta, comparison.runs, comparison.rows
+    write_results(out, meta, rows, runs)
+    images = write_plots(out, runs, rows, meta) if runs else []
+    comparison.report = write_html(out, meta, rows, images, headline=summary_line(comparison))
+    comparison.files = [out / n for n in ("results.json", "results.csv", "runs.csv")]
+    comparison.files += [p for _, p in images if p is not None]
+    comparison.figure_errors = [caption for caption, p in images if p is None]
 
 
 def default_jobs(distributed: bool = False) -> int:
@@ -271,7 +285,13 @@ class _Progress:
 
     def __enter__(self) -> "_Progress":
         if self.show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("epochs"), TimeElapsedColumn(), console=self.console,

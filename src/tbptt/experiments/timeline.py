@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+
 from ..schedule import TBPTT
 
 OUTSIDE, ADVANCE, WINDOW, ERROR = 0, 1, 2, 3
