@@ -17,6 +17,9 @@ from torch.utils import _pytree as pytree
 from . import state as st
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(outputs[B, T, ...], targets[B, T, ...]) -> [B, T]`` per-step losses."""
+Metric = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], float]
+"""``metric(outputs[B, T, ...], targets, mask) -> float`` over a whole split."""
 
 
 def call_model(

@@ -19,16 +19,14 @@ With k1 >= k2 no window reaches into an earlier block and the two strategies are
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional, Union
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
-from torch.utils.checkpoint import checkpoint
 
 from . import state as st
+from .checkpointing import Segments, check_segments, checkpointed_call, segment_cuts
 from .contract import LossFn, call_model, masked_sum, step_losses
 from .schedule import TBPTT, Update
 from .steps import StepBuffer, Steps, check_steps, reset_positions
@@ -71,7 +69,7 @@ class StreamEngine:
         schedule: TBPTT,
         strategy: Strategy = "recompute",
         reset_fn: Optional[ResetFn] = None,
-        checkpoint_segments: Optional[Union[int, str]] = None,
+        checkpoint_segments: Segments = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -80,12 +78,7 @@ class StreamEngine:
         if not isinstance(schedule, TBPTT):
             raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
         check_strategy(strategy)
-        if checkpoint_segments is not None and checkpoint_segments != "sqrt" and not (
-            isinstance(checkpoint_segments, int) and not isinstance(checkpoint_segments, bool) and checkpoint_segments >= 1
-        ):
-            raise ValueError(
-                f"checkpoint_segments must be a positive int, 'sqrt' or None; got {checkpoint_segments!r}"
-            )
+        check_segments(checkpoint_segments)
         self.reset_fn = reset_fn or st.reset_rows
         self.checkpoint_segments = checkpoint_segments
         self.model = model
@@ -280,20 +273,6 @@ class StreamEngine:
         self.backward_steps += update.window
         return result
 
-    def _checkpoint_cuts(self, start: int, stop: int) -> list[int]:
-        """Where the window is cut into segments whose activations are recomputed in backward."""
-        if self.checkpoint_segments is None:
-            return []
-        length = stop - start
-        if self.checkpoint_segments == "sqrt":
-            # sqrt(L) segments, but none shorter than ~32 steps: a fused call's fixed cost would
-            # otherwise outweigh the memory it saves (measured in benchmarks/README.md)
-            count = min(math.ceil(math.sqrt(length)), max(1, length // 32))
-        else:
-            count = self.checkpoint_segments
-        count = max(1, min(count, length))
-        return [start + round(i * length / count) for i in range(1, count)]
-
     def _recomputed_block(self, update: Update) -> UpdateResult:
         previous, start, stop = self.previous, update.start, update.stop
         first = min(start, previous)
@@ -302,7 +281,7 @@ class StreamEngine:
         # a later window starts there), and every extra call costs a fused kernel's fixed overhead
         if saved is not None and saved <= previous:
             saved = None
-        cuts = self._cuts(first, stop, start, saved, *self._checkpoint_cuts(start, stop))
+        cuts = self._cuts(first, stop, start, saved, *segment_cuts(self.checkpoint_segments, start, stop))
         state = self._states[first]
         window_outputs: list[torch.Tensor] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
@@ -313,7 +292,7 @@ class StreamEngine:
                 with torch.no_grad():
                     _, state = self._call(x, state)
             elif self.checkpoint_segments is not None:
-                out, state = self._checkpointed_call(x, state)
+                out, state = checkpointed_call(self._call, x, state)
                 window_outputs.append(out)
             else:
                 out, state = self._call(x, state)
@@ -328,25 +307,6 @@ class StreamEngine:
         named = self.named_parameters()
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
-
-    def _checkpointed_call(self, inputs: torch.Tensor, state: st.State) -> tuple[torch.Tensor, st.State]:
-        """A model call whose inner activations are dropped and recomputed during backward
-        (Gruslys et al. 2016): only the outputs and the state at the segment's end are kept."""
-        leaves, spec = pytree.tree_flatten(state)
-        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        out_spec: list = []
-
-        def run(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            full = list(leaves)
-            for i, t in zip(where, tensors):
-                full[i] = t
-            out, new_state = self._call(x, pytree.tree_unflatten(full, spec))
-            new_leaves, new_spec = pytree.tree_flatten(new_state)
-            out_spec[:] = [new_spec]
-            return (out, *new_leaves)
-
-        result = checkpoint(run, inputs, *[leaves[i] for i in where], use_reentrant=False)
-        return result[0], pytree.tree_unflatten(list(result[1:]), out_spec[0])
 
     def _run_segment(
         self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor], replay: Optional[dict] = None
@@ -402,7 +362,7 @@ def truncated_gradients(
     mask: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     reset_fn: Optional[ResetFn] = None,
-    checkpoint_segments: Optional[Union[int, str]] = None,
+    checkpoint_segments: Segments = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The gradient of every update of ``schedule`` on one stream, all at the model's current weights.
 

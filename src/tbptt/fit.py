@@ -15,20 +15,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .contract import masked_sum, step_losses
+from .contract import Metric, masked_sum, step_losses
 from .data.streams import Split, as_split
 from .engine import StreamEngine
 from .files import PathLike
 from .records import History, UpdateRecord
 from .validate import non_negative_number, one_of, positive_int
-
-Metric = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], float]
-"""``metric(outputs[B, T, ...], targets, mask) -> float`` over a whole split."""
 
 
 class FitTrainer(Protocol):

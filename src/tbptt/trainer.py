@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
 
 from . import checkpoint
 from . import state as st
+from .checkpointing import Segments
 from .contract import LossFn
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
@@ -63,7 +64,7 @@ class Trainer:
         clip_grad_norm: Optional[float] = None,
         nonfinite: NonFinite = "skip",
         reset_fn: Optional[ResetFn] = None,
-        checkpoint_segments: Optional[Union[int, str]] = None,
+        checkpoint_segments: Segments = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")

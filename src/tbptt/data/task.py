@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import LossFn
+from ..contract import LossFn, Metric
 from ..models import Cell, RecurrentNet
 from ..validate import non_negative_int
 from .streams import Split
 
-MetricFn = Callable[[Tensor, Tensor, Optional[Tensor]], float]
 SPLITS = ("train", "valid", "test")
 
 
@@ -77,7 +76,7 @@ class Task:
     dependency: Optional[int]
     vocab: Optional[int]
     description: str
-    metric_fn: MetricFn = field(repr=False)
+    metric_fn: Metric = field(repr=False)
     scaler: Optional[Any] = None
     alphabet: Optional[tuple[str, ...]] = None
 
