@@ -3,7 +3,7 @@
 See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 """
 
-from . import models
+from . import models as models
 from .checkpoint import CheckpointError
 from .data import (
     TASKS,
@@ -25,6 +25,7 @@ from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
 from .trainer import Trainer
+from .validate import InvalidArgument
 
 __all__ = [
     "TBPTT",
@@ -58,6 +59,7 @@ __all__ = [
     "padded_batch",
     "packed_streams",
     "forecasting_pairs",
+    "InvalidArgument",
 ]
 
 __version__ = "0.1.0"
