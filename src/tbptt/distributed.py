@@ -25,6 +25,7 @@ from .engine import UpdateResult
 from .records import History
 from .stream_state import StreamState, merge_rows
 from .trainer import Trainer
+from .validate import one_of, positive_number
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a collective may wait for the other ranks before the job fails."""
@@ -51,10 +52,8 @@ def init_from_env(backend: Optional[str] = None, timeout: float = DEFAULT_TIMEOU
     ranks; past it the job fails with an error instead of hanging. Does nothing but report the rank
     when the group is already initialised.
     """
-    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
-    if backend not in (None, "gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo', 'nccl' or None (choose by device); got {backend!r}")
+    positive_number(timeout, "timeout", "seconds")
+    one_of(backend, "backend", (None, "gloo", "nccl"))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]

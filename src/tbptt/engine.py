@@ -32,6 +32,7 @@ from .schedule import TBPTT, Update
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
 from .stream_state import StreamState
+from .validate import one_of
 
 Strategy = Literal["recompute", "stored"]
 STRATEGIES = ("recompute", "stored")
@@ -48,11 +49,6 @@ class UpdateResult:
     loss: torch.Tensor
     grads: dict[str, Optional[torch.Tensor]]
     valid_steps: torch.Tensor
-
-
-def check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
 
 
 class StreamEngine:
@@ -77,7 +73,7 @@ class StreamEngine:
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> [B, T]; got {loss_fn!r}")
         if not isinstance(schedule, TBPTT):
             raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
-        check_strategy(strategy)
+        one_of(strategy, "strategy", STRATEGIES)
         check_segments(checkpoint_segments)
         self.reset_fn = reset_fn or st.reset_rows
         self.checkpoint_segments = checkpoint_segments

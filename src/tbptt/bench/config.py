@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
+from ..validate import non_negative_int, positive_int
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -35,11 +37,8 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch", "inputs", "hidden", "outputs", "n", "k", "k1", "k2", "long_n", "repeats", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BenchConfig.{name} must be a positive int; got {value!r}")
-        if self.warmup < 0:
-            raise ValueError(f"BenchConfig.warmup must be >= 0; got {self.warmup!r}")
+            positive_int(getattr(self, name), f"BenchConfig.{name}")
+        non_negative_int(self.warmup, "BenchConfig.warmup")
         if not self.k1 < self.k2:
             raise ValueError(f"the overlapping rows need k1 < k2; got k1={self.k1}, k2={self.k2}")
         if len(self.memory_ns) < 2 or any(not isinstance(v, int) or v < 1 for v in self.memory_ns):

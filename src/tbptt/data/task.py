@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..contract import LossFn, Metric
 from ..models import Cell, RecurrentNet
-from ..validate import non_negative_int
+from ..validate import non_negative_int, one_of
 from .streams import Split
 
 SPLITS = ("train", "valid", "test")
@@ -89,8 +89,7 @@ class Task:
 
     def split(self, name: str) -> Split:
         """The split called ``name``: "train", "valid" or "test"."""
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}; got {name!r}")
+        one_of(name, "split", SPLITS)
         return getattr(self, name)
 
     def metric(self, outputs: Tensor, targets: Tensor, mask: Optional[Tensor] = None) -> float:

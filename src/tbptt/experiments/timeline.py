@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..schedule import TBPTT
+from ..validate import positive_int
 
 OUTSIDE, ADVANCE, WINDOW, ERROR = 0, 1, 2, 3
 KIND_NAMES = {OUTSIDE: "outside", ADVANCE: "forward only", WINDOW: "window", ERROR: "errors injected"}
@@ -80,8 +81,7 @@ def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 3
 
     if not isinstance(schedule, TBPTT):
         raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive number of columns; got {width!r}")
+    positive_int(width, "width", "columns")
     updates = schedule.updates(n)
     per = _bins(n, width)
     shown = _shown_rows(len(updates), max_rows)
