@@ -713,7 +713,7 @@ def test_trainer_trains_a_good_model_as_without_the_check_and_checks_once():
 
 def test_trainer_check_model_argument():
     model = PerStep()
-    with pytest.raises(InvalidArgumentType, match="check_model must be one of False, True; got 'yes'"):
+    with pytest.raises(InvalidArgument, match="check_model must be one of False, True; got 'yes'"):
         tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=0.1), tbptt.TBPTT(4, 4),
                       check_model="yes")
     short = trainer(make_model("lstm", seed=0), True)
