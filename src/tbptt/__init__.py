@@ -20,6 +20,7 @@ from .diagnostics import LagProfile, gradient_vs_lag, recommend_k2
 from .distributed import DistributedError, DistributedTrainer, init_from_env
 from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .experiments import Comparison, compare
+from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import RecurrentNet
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT, Update
@@ -30,6 +31,9 @@ from .validate import InvalidArgument
 __all__ = [
     "TBPTT",
     "RecurrentNet",
+    "check_model",
+    "ModelReport",
+    "ModelContractError",
     "Update",
     "Trainer",
     "UpdateRecord",

@@ -19,11 +19,13 @@ from .checkpointing import Segments
 from .contract import LossFn
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
+from .modelcheck import ModelContractError, check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT
 from .validate import one_of, positive_number
 
 NonFinite = Literal["skip", "raise"]
+_CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs the checks on
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -52,6 +54,10 @@ class Trainer:
     - ``checkpoint_segments``: cut each recomputed window into this many segments (or
       ``"sqrt"``) whose activations are recomputed in backward: memory for time (Gruslys et al.
       2016), the same gradient.
+    - ``check_model``: before the first update, run ``tbptt.check_model`` on the first
+      ``train_on`` call's inputs (T >= 8 steps; its first 512 steps at most, from state None,
+      with this trainer's ``reset_fn``) and raise ``ModelContractError``, with its report, if the
+      model breaks the engine's contract. Runs once; the weights are untouched until it passes.
     """
 
     def __init__(
@@ -65,12 +71,16 @@ class Trainer:
         nonfinite: NonFinite = "skip",
         reset_fn: Optional[ResetFn] = None,
         checkpoint_segments: Segments = None,
+        *,
+        check_model: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         positive_number(clip_grad_norm, "clip_grad_norm", none="no clipping")
         one_of(nonfinite, "nonfinite", ("skip", "raise"))
+        one_of(check_model, "check_model", (False, True))
         self.engine = StreamEngine(model, loss_fn, schedule, strategy, reset_fn, checkpoint_segments)
+        self._check_pending = bool(check_model)
         self.model = model
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
@@ -118,6 +128,13 @@ class Trainer:
         With ``nonfinite="raise"``, the ``NonFiniteError`` carries the records of the updates this
         call applied before it (``error.records``); the streams stay open where they stood.
         """
+        if self._check_pending:
+            # a sample of the first segment: long enough for every check, without holding a graph
+            # over a whole split when the first segment is one
+            report = check_contract(self.model, inputs[:, :_CHECKED_STEPS], reset_fn=self.engine.reset_fn)
+            if not report.ok:
+                raise ModelContractError(report)
+            self._check_pending = False
         self.model.train()
         records: list[UpdateRecord] = []
         started = time.perf_counter()
