@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data",)),
     ("engine", ("stream_state", "stored", "checkpointing", "engine")),
     ("model check", ("modelcheck",)),
-    ("trainer", ("records", "checkpoint", "fit", "trainer")),
+    ("trainer", ("records", "budget", "checkpoint", "fit", "trainer")),
     ("diagnostics", ("diagnostics",)),
     ("experiments", ("experiments",)),
     ("integrations", ("distributed", "lightning")),

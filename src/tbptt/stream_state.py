@@ -52,6 +52,7 @@ class StreamState:
     backward_steps: int = 0
     snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
     segments: list[SegmentEntry] = field(default_factory=list)
+    ending: bool = False  # the streams end after the steps received (their last updates not made yet)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class StreamState:
             "snapshots": self.snapshots,
             "segments": [{"start": s.start, "stop": s.stop, "in_state": s.in_state, "weights": s.weights,
                           "random": s.random} for s in self.segments],
+            "ending": self.ending,
         }
 
     @classmethod
@@ -91,6 +93,7 @@ class StreamState:
             backward_steps=saved["backward_steps"],
             snapshots=list(saved["snapshots"]),
             segments=[SegmentEntry(**s) for s in saved["segments"]],
+            ending=bool(saved.get("ending", False)),  # checkpoints written before it were never ending
         )
 
     # ------------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class StreamState:
         """One state of all rows from states of consecutive rows (in row order) of the same streams,
         whose stored segments are cut at the same positions (``recut`` makes them so)."""
         first = shares[0]
-        for key in ("schedule", "strategy", "position", "previous"):
+        for key in ("schedule", "strategy", "position", "previous", "ending"):
             if any(getattr(s, key) != getattr(first, key) for s in shares):
                 raise ValueError(f"the ranks' streams differ in {key}: {[getattr(s, key) for s in shares]}")
         if first.batch_size is None or len(shares) == 1:
