@@ -3,6 +3,7 @@ baselines recomputed independently with numpy, and the text task on a file writt
 
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,11 +123,20 @@ def test_series_tasks_reject_too_many_rows():
         load_task("sunspots", difference="yes")
 
 
-def test_missing_statsmodels_says_how_to_install(monkeypatch):
-    datasets._statsmodels_values.cache_clear()  # loaded series are cached; start as a fresh process would
+def test_the_series_ship_with_the_package_and_load_without_statsmodels_or_pandas(monkeypatch):
+    datasets._series.cache_clear()  # loaded series are cached; read them as a fresh process would
     monkeypatch.setitem(sys.modules, "statsmodels", None)
-    with pytest.raises(ImportError, match=r"pip install tbptt\[data\]"):
-        load_task("co2")
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    co2, sunspots = load_co2(), load_sunspots()
+    # the weekly record from 29 March 1958 to 29 December 2001, 59 weeks without a measurement
+    assert co2.shape == (2284,) and int(np.isnan(co2).sum()) == 59
+    assert (co2[0], co2[1], co2[-1]) == (316.1, 317.3, 371.5) and np.isnan(co2[6])
+    assert sunspots.shape == (309,) and (sunspots[0], sunspots[-1]) == (5.0, 2.9)  # 1700 .. 2008
+    text = (Path(datasets.__file__).parent / "series" / "co2_weekly.csv").read_text()
+    assert "public domain" in text and "Keeling" in text  # the source is cited where the data are
+    load_co2()[0] = -1.0  # callers get copies
+    assert load_co2()[0] == 316.1
+    assert load_task("co2").train.steps > 0
 
 
 def test_fill_forward_uses_only_past_values():
