@@ -47,7 +47,7 @@ def test_resume_continues_the_run_as_if_never_stopped(tmp_path, capsys):
     (["--config", "5,5", "--task-option", "delay=x"], "delay takes an int, e.g. delay=5"),
     (["--config", "5,5", "--task-option", "path=x"], "bad --task-option .path=x.*delay=5"),
     (["--config", "5,5", "--lr", "-1"], "--lr must be a positive number"),
-    (["--config", "5,5", "--resume"], "need a checkpoint path"),
+    (["--config", "5,5", "--resume"], "--resume must be given together with --checkpoint"),
     (["--config", "5,5", "--distributed"], "missing RANK.*torchrun --nproc_per_node"),
 ])
 def test_bad_arguments_say_what_is_wrong(args, message, capsys, monkeypatch):

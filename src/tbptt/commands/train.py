@@ -18,11 +18,19 @@ import torch
 
 from .. import distributed as tdist
 from ..checkpoint import CheckpointError
-from ..experiments.runs import OPTIMIZERS
-from ..schedule import TBPTT
+from ..experiments.runs import OPTIMIZERS, Configuration
 from ..trainer import Trainer
 from ..validate import positive_number
-from .options import add_run_options, check_run_options, load_task, print_error
+from .console import FitLog, make_console
+from .options import (
+    add_budget_option,
+    add_run_options,
+    check_budget,
+    check_run_options,
+    load_task,
+    print_error,
+    task_defaults,
+)
 
 
 def register(subparsers) -> None:
@@ -34,9 +42,11 @@ def register(subparsers) -> None:
         "trains its share of the streams and rank 0 prints: "
         "torchrun --nproc_per_node 2 -m tbptt train --task echo --config 10,20 --distributed",
     )
-    add_run_options(p)
-    p.add_argument("--config", required=True, metavar="K1,K2",
-                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream)")
+    add_run_options(p, epochs=None)
+    add_budget_option(p)
+    p.add_argument("--config", required=True, metavar="K1,K2[@KEY=VALUE,...]",
+                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream), e.g. "
+                   "10,40 or 20,20@lr=0.1 (keys lr, clip, strategy)")
     p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")
@@ -51,21 +61,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, parser=p)
 
 
-def _check(args: argparse.Namespace) -> TBPTT:
+def _check(args: argparse.Namespace) -> Configuration:
     check_run_options(args)
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
-    return TBPTT.parse(args.config)
+    return Configuration.parse(args.config)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     distributed = args.distributed or tdist.in_torchrun_env()
     joined = False
     try:
-        schedule = _check(args)
+        config = _check(args)
+        budget = check_budget(args)
+        schedule = config.schedule
         task = load_task(args.task, args.task_option)
+        task_defaults(args, task)
         rank, world = 0, 1
         if distributed:
             joined = not torch.distributed.is_initialized()
@@ -73,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, tdist.DistributedError) as exc:
         print_error(exc, args.parser)
         return 2
-    console = Console(quiet=rank != 0)
+    console = make_console(quiet=rank != 0)
     try:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -81,16 +92,19 @@ def run(args: argparse.Namespace) -> int:
         if distributed and torch.distributed.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
         model = task.model(hidden=args.hidden, cell=args.cell).to(device)
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=config.lr or args.lr)
         kind = tdist.DistributedTrainer if distributed else Trainer
-        trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=args.strategy,
-                       clip_grad_norm=args.clip or None)
+        strategy = config.strategy or args.strategy
+        trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=strategy,
+                       clip_grad_norm=config.clip or args.clip or None)
         train = trainer.shard(task.train) if distributed else task.train
-        console.print(f"{task.description}: {schedule}, {args.strategy}, "
+        console.print(f"{task.description}: {schedule}, {strategy}, "
                       f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
+        logged = [] if console.is_terminal else [FitLog(console, train.steps, args.epochs)]
         history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
                               segment_length=args.segment_length, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log)
+                              checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log,
+                              budget=budget, callbacks=logged)
         if rank == 0:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
@@ -127,5 +141,6 @@ def report(console: Any, task: Any, history: Any, test_metric: float, world: int
         console.print(f"stopped by {history.stopped_by}")
     seconds = sum(r.wall_time for r in history.updates)
     if seconds > 0:
-        console.print(f"{len(history.updates)} updates in {seconds:.2f} s of training: "
-                      f"{len(history.updates) / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")
+        count = len(history.updates)
+        console.print(f"{count} update{'' if count == 1 else 's'} in {seconds:.2f} s of training: "
+                      f"{count / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")
