@@ -307,7 +307,9 @@ class FitLoop:
             return False
         seconds = self.options.max_seconds
         by_clock = seconds is not None and meter.stopped_by == str(Budget("seconds", seconds))
-        self.history.stopped_by, self.stop = ("max_seconds" if by_clock else meter.stopped_by), True
+        # the budget of another rank, when this one's is not spent
+        self.history.stopped_by = "max_seconds" if by_clock else (meter.stopped_by or "another process")
+        self.stop = True
         return True
 
     def _run_epoch(self) -> bool:

@@ -20,7 +20,7 @@ from .. import distributed as tdist
 from ..checkpoint import CheckpointError
 from ..experiments.runs import OPTIMIZERS, Configuration
 from ..trainer import Trainer
-from ..validate import positive_number
+from ..validate import positive_int, positive_number
 from .console import FitLog, make_console
 from .options import (
     add_budget_option,
@@ -58,11 +58,15 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed: how long a rank waits for the others before the job fails (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on the CPU (default 1: a small recurrent model's steps are too small to "
+                   "share, and more threads only contend, badly on a busy machine)")
     p.set_defaults(func=run, parser=p)
 
 
 def _check(args: argparse.Namespace) -> Configuration:
     check_run_options(args)
+    positive_int(args.threads, "--threads", "torch threads")
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
     return Configuration.parse(args.config)
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print_error(exc, args.parser)
         return 2
     console = make_console(quiet=rank != 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print_error(exc, args.parser)
         return 1
     finally:
+        torch.set_num_threads(threads)
         if joined:
             torch.distributed.destroy_process_group()
     return 0

@@ -39,24 +39,27 @@ class FrontStretch:
 
 
 def curves(runs: Sequence[Run]) -> dict[str, list[FrontPoint]]:
-    """Each configuration's mean curve over seeds (name as ``label`` gives it), epoch by epoch; an
-    epoch counts where at least one seed reached it with a finite metric."""
+    """Each configuration's mean curve over seeds (name as ``label`` gives it): epoch by epoch while
+    every seed is still running, then one last point, the seeds' ends (their final metrics, at their
+    mean CPU time), so that a curve ends where the comparison's final metric is."""
     groups = group_runs([r for r in runs if r.get("status") != "failed" and r.get("epochs")])
     strategies = len({s for _, s in groups})
     out: dict[str, list[FrontPoint]] = {}
     for (config, strategy), group in groups.items():
         name = label({"config": config, "strategy": strategy}, strategies)
-        longest = max(len(r["epochs"]) for r in group)
-        points = []
-        for i in range(longest):
-            at = [r["epochs"][i] for r in group if i < len(r["epochs"])]
-            pairs = [(e.get("train_cpu"), e.get("valid_metric")) for e in at]
-            pairs = [(c, m) for c, m in pairs if _finite(c) and _finite(m)]
-            if pairs:
-                points.append(FrontPoint(name, statistics.fmean(c for c, _ in pairs),
-                                         statistics.fmean(m for _, m in pairs), i + 1))
-        out[name] = points
+        series = [[(e.get("train_cpu"), e.get("valid_metric")) for e in r["epochs"]] for r in group]
+        shortest = min(len(s) for s in series)
+        points = [_mean_point(name, [s[i] for s in series], i + 1) for i in range(shortest - 1)]
+        points.append(_mean_point(name, [s[-1] for s in series], max(len(s) for s in series)))
+        out[name] = [p for p in points if p is not None]
     return out
+
+
+def _mean_point(name: str, pairs: list, epoch: int) -> "FrontPoint | None":
+    pairs = [(c, m) for c, m in pairs if _finite(c) and _finite(m)]
+    if not pairs:
+        return None
+    return FrontPoint(name, statistics.fmean(c for c, _ in pairs), statistics.fmean(m for _, m in pairs), epoch)
 
 
 def _finite(value: object) -> bool:
