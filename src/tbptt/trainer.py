@@ -19,7 +19,8 @@ from .checkpointing import Segments
 from .contract import LossFn
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
-from .modelcheck import ModelContractError, check_model as check_contract
+from .modelcheck import ModelContractError
+from .modelcheck import check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT
 from .validate import one_of, positive_number
