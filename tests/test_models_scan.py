@@ -51,10 +51,36 @@ def test_linear_scan_equals_the_loop_values_and_gradients(steps, complex_, carri
         torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
 
 
+def test_linear_scan_at_every_length_up_to_70_leaves_its_inputs_alone():
+    for steps in range(1, 71):
+        a, b, h0 = coefficients(steps, steps)
+        before = [t.clone() for t in (a, b, h0)]
+        leaves = [t.requires_grad_(True) for t in (a, b, h0)]
+        got = linear_scan(a, b, h0)
+        torch.testing.assert_close(got, loop(a, b, h0), atol=1e-13, rtol=1e-13)
+        for x, y in zip(grads(got, leaves), grads(loop(a, b, h0), leaves)):
+            torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+        assert all(torch.equal(t, u) for t, u in zip(leaves, before)), steps
+
+
 def test_linear_scan_broadcasts_a_constant_decay():
     a, b, h0 = coefficients(0, 37, complex_=True)
-    lam = a[0, 0]  # [3], the same at every step and row, as LRU's eigenvalues
-    torch.testing.assert_close(linear_scan(lam, b, h0), loop(lam.expand_as(b), b, h0), atol=1e-13, rtol=1e-13)
+    lam = a[0, 0].clone().requires_grad_(True)  # [3], the same at every step and row, as LRU's eigenvalues
+    got, want = linear_scan(lam, b, h0), loop(lam.expand_as(b), b, h0)
+    torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(grads(got, [lam])[0], grads(want, [lam])[0], atol=1e-12, rtol=1e-12)
+
+
+def test_linear_scan_promotes_a_real_decay_against_complex_inputs_and_checks_h0():
+    a, b, h0 = coefficients(0, 9, complex_=True)
+    real = a.abs().requires_grad_(True)
+    got = linear_scan(real, b, h0)
+    assert got.dtype == torch.complex128
+    (g,) = grads(got, [real])
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, grads(loop(real.to(b.dtype), b, h0), [real])[0], atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"h0 must be \[B, ...\] = \(2, 3\) for inputs \(2, 9, 3\); got \(3, 2\)"):
+        linear_scan(a, b, h0.T)
 
 
 @settings(max_examples=30, deadline=None)

@@ -4,10 +4,11 @@ Both functions take coefficients ``[B, T, ...]`` (time in dimension 1), a carrie
 (None for zeros) and return every ``h_t`` as ``[B, T, ...]``, without a Python loop over steps: the
 number of tensor operations grows as ``log T``.
 
-- ``linear_scan`` works on the coefficients themselves (real or complex, any sign): a recursive
-  odd/even associative scan (Blelloch 1990) in which every number is a product of the same factors
+- ``linear_scan`` works on the coefficients themselves (real or complex, any sign): an associative
+  scan (Brent & Kung 1982; Blelloch 1990) in which every number is a product of the same factors
   ``a_t`` and sums of the same terms as in the per-step loop, only associated differently. With
   ``|a_t| <= 1`` nothing can overflow, and a decay that underflows is one the loop also sees as 0.
+  Its backward pass is the same scan run backwards on the adjoint recurrence.
 - ``log_scan`` is the log-space scan of Feng et al. (2024, "Were RNNs All We Needed?", after
   Heinsen 2023) for positive terms ``b_t``: ``log h_t = a*_t + logcumsumexp(log b - a*)_t`` with
   ``a*`` the cumulative sum of ``log a``. Here it runs in chunks: ``a*`` restarts at every chunk, so
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -31,33 +33,83 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = N
         h0: the state entering the segment, ``[B, ...]`` (``b`` without its time dimension).
 
     Returns:
-        ``h[B, T, ...]``, differentiable with respect to ``a``, ``b`` and ``h0``.
+        ``h[B, T, ...]``, differentiable (once) with respect to ``a``, ``b`` and ``h0``.
     """
-    a, b = torch.broadcast_tensors(a, b)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = torch.broadcast_tensors(a.to(dtype), b.to(dtype))
     if h0 is not None:
-        # the carried state enters as part of the first step's input: b_0 + a_0 * h0
-        b = torch.cat([b[:, :1] + a[:, :1] * h0.unsqueeze(1), b[:, 1:]], dim=1)
-    return _scan_from_zero(a, b)
+        if tuple(h0.shape) != (b.shape[0],) + tuple(b.shape[2:]):
+            raise ValueError(f"h0 must be [B, ...] = {(b.shape[0],) + tuple(b.shape[2:])} for inputs {tuple(b.shape)}; "
+                             f"got {tuple(h0.shape)}")
+        h0 = h0.to(dtype)
+    return _LinearScan.apply(a, b, h0)
 
 
-def _scan_from_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``linear_scan`` from a zero state: steps (2k, 2k+1) are paired into one step of the same
-    recurrence on half as many steps, solved recursively; that gives h at every odd step, and each
-    even step is one step on from the odd step before it."""
-    steps = b.shape[1]
-    if steps == 1:
-        return b
-    pairs = steps // 2
-    a_even, b_even = a[:, 0::2], b[:, 0::2]
-    a_odd, b_odd = a[:, 1::2], b[:, 1::2]
-    h_odd = _scan_from_zero(a_odd * a_even[:, :pairs], a_odd * b_even[:, :pairs] + b_odd)
-    h_even = torch.cat([b_even[:, :1], a_even[:, 1:] * h_odd[:, : a_even.shape[1] - 1] + b_even[:, 1:]], dim=1)
-    h = torch.stack([h_even[:, :pairs], h_odd], dim=2).flatten(1, 2)
-    return torch.cat([h, h_even[:, pairs:]], dim=1) if steps % 2 else h
+class _LinearScan(torch.autograd.Function):
+    """The scan without autograd inside, and its adjoint: for ``h_t = a_t h_{t-1} + b_t`` the
+    gradient ``g_t`` of the loss with respect to ``h_t`` flows back as ``l_t = g_t + conj(a_{t+1}) l_{t+1}``,
+    itself a linear recurrence, run backwards through the same scan; then ``dL/db_t = l_t``,
+    ``dL/da_t = l_t conj(h_{t-1})`` and ``dL/dh0 = l_0 conj(a_0)``. Only ``a`` and ``h`` are kept
+    for the backward pass (the scan's intermediate levels are not)."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:
+        h = b.clone(memory_format=torch.contiguous_format)
+        if h0 is not None:
+            h[:, 0].addcmul_(a[:, 0], h0)
+        _scan_in_place(a.clone(memory_format=torch.contiguous_format), h)
+        return h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        a, _, h0 = inputs
+        ctx.save_for_backward(a, output, h0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, h, h0 = ctx.saved_tensors
+        adjoint = grad.clone(memory_format=torch.contiguous_format)
+        decay = torch.empty_like(h)
+        decay[:, :-1] = a[:, 1:].conj()
+        decay[:, -1] = 0
+        _scan_in_place(decay, adjoint, reverse=True)
+        grad_a = torch.empty_like(h)
+        torch.mul(adjoint[:, 1:], h[:, :-1].conj(), out=grad_a[:, 1:])
+        grad_a[:, 0] = 0 if h0 is None else adjoint[:, 0] * h0.conj()
+        grad_h0 = None if h0 is None else adjoint[:, 0] * a[:, 0].conj()
+        return grad_a, adjoint, grad_h0
+
+
+def _scan_in_place(a: torch.Tensor, h: torch.Tensor, reverse: bool = False) -> None:
+    """``h_t <- a_t * h_{t-1} + h_t`` for every t in turn (``h_{t+1}`` when ``reverse``), computed
+    in place as a Brent-Kung scan (an up-sweep that combines pairs at strides 1, 2, 4, ..., then a
+    down-sweep that completes the steps in between); ``a`` is overwritten. About 2 log2(T) strided
+    tensor operations, each step combined at most twice per sweep."""
+    steps = h.shape[1]
+
+    def pairs(x: torch.Tensor, first: int, stride: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # the steps first, first + stride, ... and the steps `shift` before each (after, reversed)
+        last = first + (steps - 1 - first) // stride * stride
+        if reverse:
+            return x[:, steps - 1 - last : steps - first : stride], x[:, steps - 1 - last + shift : steps - first + shift : stride]
+        return x[:, first : last + 1 : stride], x[:, first - shift : last + 1 - shift : stride]
+
+    span = 1
+    while 2 * span <= steps:  # up-sweep: step i then sums the span ending at it
+        (h_to, h_from), (a_to, a_from) = pairs(h, 2 * span - 1, 2 * span, span), pairs(a, 2 * span - 1, 2 * span, span)
+        h_to.addcmul_(a_to, h_from)
+        a_to.mul_(a_from)
+        span *= 2
+    while span > 1:  # down-sweep: the step half a span past a completed one
+        span //= 2
+        if 3 * span <= steps:
+            (h_to, h_from), (a_to, _) = pairs(h, 3 * span - 1, 2 * span, span), pairs(a, 3 * span - 1, 2 * span, span)
+            h_to.addcmul_(a_to, h_from)
 
 
 def log_scan(
-    log_a: torch.Tensor, log_b: torch.Tensor, h0: Optional[torch.Tensor] = None, chunk: int = 64
+    log_a: torch.Tensor, log_b: torch.Tensor, h0: Optional[torch.Tensor] = None, chunk: int = 16
 ) -> torch.Tensor:
     """Every ``h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)``, from ``h_{-1} = h0`` (zeros if None).
 
