@@ -1,18 +1,23 @@
-"""The built-in scan models' recurrences: the parallel scan against a plain per-step loop.
+"""The built-in scan models: each recurrence's parallel scan against a plain per-step loop, and
+each whole model in one call against T calls of one step.
 
-Each row runs the recurrence ``h_t = a_t * h_{t-1} + b_t`` of one model, with that model's shapes
+Recurrences: each row runs ``h_t = a_t * h_{t-1} + b_t`` of one model, with that model's shapes
 and coefficients drawn as at its initialisation, two ways: the scan the model uses
-(``tbptt.models.scan``) and a Python loop over the steps (``h = a_t * h + b_t`` over ``unbind(1)``, the
-outputs stacked). Both start from the same inputs (MinGRU/MinLSTM: ``log a``, ``log b``; the loop takes their
-``exp`` inside the timed region) and the same carried ``h0``; "fwd+bwd" adds the backward of a fixed
-projection of every ``h_t`` to the inputs and ``h0``. The projections around the recurrence are the
-same in both and left out. The last column is the float32 error at the longest T: the largest
-``|h - h_float64_loop|`` over ``max |h|``, for the scan and for the float32 loop. Run:
+(``tbptt.models.scan``) and a Python loop over the steps (``h = a_t * h + b_t`` over ``unbind(1)``,
+the outputs stacked). Both start from the same inputs (MinGRU: ``log a``, ``log b``; the loop takes
+their ``exp`` inside the timed region) and the same carried ``h0``; "fwd+bwd" adds the backward of a
+fixed projection of every ``h_t`` to the inputs and ``h0``. The projections around the recurrence
+are the same in both and left out. The last column is the float32 error at the longest T: the
+largest ``|h - h_float64_loop|`` over ``max |h|``, for the scan and for the float32 loop.
 
-    python benchmarks/models.py [--repeats 5] [--lengths 64,512,2048] [--out benchmarks/results/models-cpu.md]
+Whole models: ``model(x)`` against ``model(x[:, t:t+1], state)`` for every t, the outputs
+concatenated; "fwd+bwd" adds ``y.mean().backward()``. Run:
+
+    python benchmarks/models.py [--repeats 5] [--lengths 64,512,2048] [--no-models] [--out benchmarks/results/models-cpu.md]
 
 One thread, process CPU time; the two arms alternate (order flipped every repeat) after one
-warm-up each; the ratio is scan / loop of the medians, its spread the range of the per-repeat ratios.
+warm-up each; the ratio is first / second arm of the medians, in brackets the range of the
+per-repeat ratios.
 """
 
 from __future__ import annotations
