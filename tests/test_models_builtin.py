@@ -187,3 +187,14 @@ def test_mamba_with_a_convolution_of_width_one_has_no_history():
     a, s = model(x[:, :3])
     b, _ = model(x[:, 3:], s)
     torch.testing.assert_close(torch.cat([a, b], dim=1), whole, atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.parametrize("name", SCAN_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_check_model_passes(name, dtype):
+    model = make_scan_model(name, 0, layers=2, dtype=dtype)
+    inputs = torch.randn(3, 12, 3, generator=torch.Generator().manual_seed(0)).to(dtype)  # B = 3 = state_size
+    report = tbptt.check_model(model, inputs)
+    assert report.ok, str(report)
+    _, state = model(inputs[:, :4])
+    assert tbptt.check_model(model, inputs, state=state).ok

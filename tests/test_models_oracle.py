@@ -11,7 +11,7 @@ import tbptt
 from _model_loops import SCAN_MODELS, make_scan_model, one_thread
 from _models import make_data, mse_steps, oracle_updates
 from test_engine import brute_force
-from test_resets import brute_force_with_resets
+from test_resets import assert_resets_equal_brute_force
 from test_trainer import assert_same_weights, naive_recompute, naive_stored, train
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -78,14 +78,4 @@ def test_trainer_equals_the_naive_training_loop(name, configuration, data, n, er
 @given(n=hs.integers(2, 10), k1=hs.one_of(hs.none(), hs.integers(1, 5)), k2=hs.one_of(hs.none(), hs.integers(1, 5)),
        masked=hs.booleans(), seed=hs.integers(0, 999))
 def test_resets_and_masks_equal_each_sequence_trained_on_its_own(name, n, k1, k2, masked, seed):
-    x, y = make_data(seed, 3, n)
-    g = torch.Generator().manual_seed(seed)
-    resets = torch.rand(3, n, generator=g) < 0.25
-    mask = (torch.rand(3, n, generator=g) > 0.3) if masked else None
-    model = make_scan_model(name, seed, layers=2)
-    got = tbptt.truncated_gradients(model, mse_steps, x, y, tbptt.TBPTT(k1, k2), resets=resets, mask=mask)
-    want = brute_force_with_resets(model, x, y, k1, k2, resets, mask)
-    assert len(got) == len(want)
-    for gd, w in zip(got, want):
-        for gv, wv in zip(gd.values(), w):
-            torch.testing.assert_close(gv, wv, atol=1e-9, rtol=1e-9)
+    assert_resets_equal_brute_force(make_scan_model(name, seed, layers=2), n, k1, k2, seed, masked)

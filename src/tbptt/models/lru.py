@@ -59,9 +59,11 @@ class LRUBlock(Block):
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.state_size
         h0 = torch.complex(state[:, :n], state[:, n:])
-        B = torch.complex(self.B_re, self.B_im) * torch.exp(self.gamma_log).unsqueeze(1)
-        h = linear_scan(self.eigenvalues(), x.to(B.dtype) @ B.transpose(0, 1), h0)
-        y = (h @ torch.complex(self.C_re, self.C_im).transpose(0, 1)).real + self.D * x
+        gamma = torch.exp(self.gamma_log)
+        # B x and Re(C h) from their real and imaginary parts: x and y are real
+        bx = torch.complex(x @ self.B_re.T, x @ self.B_im.T) * gamma
+        h = linear_scan(self.eigenvalues(), bx, h0)
+        y = h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * x
         y = F.glu(self.glu(F.gelu(y)), dim=-1)
         last = h[:, -1]
         return y, torch.cat([last.real, last.imag], dim=1)
