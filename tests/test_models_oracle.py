@@ -1,7 +1,9 @@
 """The built-in scan models through the brute-force float64 oracles of truncated_gradients, the
 Trainer (both strategies) and resets with masks, under each canonical configuration of SEMANTICS.md:
 TBPTT(n, n), (1, n), (k, k), (k1 < k2), (k1 > k2), (k1, 1). The oracles call the model one step at a
-time, so a segment's scan is checked against single steps of the same model."""
+time, so a segment's scan is checked against single steps of the same model. Cases: 144 of
+truncated_gradients (4 models x 6 configurations x 2 errors modes x 3), 96 of the Trainer (x 2
+strategies x 2), 40 with resets and masks."""
 
 import pytest
 import torch
@@ -41,11 +43,12 @@ def schedule_ks(draw, configuration):
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
 
 
+@pytest.mark.parametrize("errors", ["new", "window"])
 @pytest.mark.parametrize("configuration", CONFIGURATIONS)
 @pytest.mark.parametrize("name", SCAN_MODELS)
-@settings(max_examples=5, **SETTINGS)
-@given(data=hs.data(), n=hs.integers(1, 11), errors=hs.sampled_from(["new", "window"]),
-       batch=hs.integers(1, 3), layers=hs.integers(1, 2), seed=hs.integers(0, 9999))
+@settings(max_examples=3, **SETTINGS)
+@given(data=hs.data(), n=hs.integers(1, 11), batch=hs.integers(1, 3), layers=hs.integers(1, 2),
+       seed=hs.integers(0, 9999))
 def test_truncated_gradients_equal_brute_force(name, configuration, data, n, errors, batch, layers, seed):
     k1, k2 = data.draw(schedule_ks(configuration))
     model = make_scan_model(name, seed, layers)
@@ -58,11 +61,11 @@ def test_truncated_gradients_equal_brute_force(name, configuration, data, n, err
             torch.testing.assert_close(gv, wv, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("strategy", ["recompute", "stored"])
 @pytest.mark.parametrize("configuration", CONFIGURATIONS)
 @pytest.mark.parametrize("name", SCAN_MODELS)
-@settings(max_examples=4, **SETTINGS)
-@given(data=hs.data(), n=hs.integers(1, 11), errors=hs.sampled_from(["new", "window"]),
-       strategy=hs.sampled_from(["recompute", "stored"]), seed=hs.integers(0, 999))
+@settings(max_examples=2, **SETTINGS)
+@given(data=hs.data(), n=hs.integers(1, 11), errors=hs.sampled_from(["new", "window"]), seed=hs.integers(0, 999))
 def test_trainer_equals_the_naive_training_loop(name, configuration, data, n, errors, strategy, seed):
     k1, k2 = data.draw(schedule_ks(configuration))
     x, y = make_data(seed, 2, n)
