@@ -84,8 +84,8 @@ def mamba_case(batch: int, steps: int, channels: int, state: int, g: torch.Gener
 def cases(batch: int, steps: int) -> dict[str, tuple[str, Case]]:
     g = torch.Generator().manual_seed(steps)
     return {
-        "MinGRU (log-space scan, default)": ("[B, T, 64] real", min_rnn_case(batch, steps, 64, "log", g)),
-        "MinGRU (scan=\"linear\")": ("[B, T, 64] real", min_rnn_case(batch, steps, 64, "linear", g)),
+        "MinGRU (log-space scan)": ("[B, T, 64] real", min_rnn_case(batch, steps, 64, "log", g)),
+        "MinGRU (linear scan, default)": ("[B, T, 64] real", min_rnn_case(batch, steps, 64, "linear", g)),
         "LRU": ("[B, T, 64] complex", lru_case(batch, steps, 64, g)),
         "Mamba": ("[B, T, 64, 16] real", mamba_case(batch, steps, 64, 16, g)),
     }

@@ -94,15 +94,17 @@ def step_by_step(model, x, state=None):
     return torch.stack(outputs, dim=1), tuple(state)
 
 
-SCAN_MODELS = ("mingru", "minlstm", "lru", "mamba")
-SMALL = {"mingru": {}, "minlstm": {}, "lru": {"state_size": 3}, "mamba": {"state_size": 3, "conv_width": 3}}
+SCAN_MODELS = ("mingru", "minlstm", "mingru-log", "minlstm-log", "lru", "mamba")
+SMALL = {"mingru": {}, "minlstm": {}, "lru": {"state_size": 3}, "mamba": {"state_size": 3, "conv_width": 3},
+         # the same models with the paper's log-space scan in place of the default linear one
+         "mingru-log": {"scan": "log"}, "minlstm-log": {"scan": "log"}}
 
 
 def make_scan_model(name, seed, layers=1, dtype=torch.float64, hidden=4, n_in=3, n_out=2, **options):
     """A small built-in scan model, seeded, in ``dtype``."""
     torch.manual_seed(seed)
-    model = tbptt.models.build_model(name, n_inputs=n_in, n_outputs=n_out, hidden=hidden, layers=layers,
-                                     **{**SMALL[name], **options})
+    model = tbptt.models.build_model(name.removesuffix("-log"), n_inputs=n_in, n_outputs=n_out, hidden=hidden,
+                                     layers=layers, **{**SMALL[name], **options})
     return model.to(dtype)
 
 
