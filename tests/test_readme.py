@@ -1,5 +1,7 @@
 """Every command in the README runs as written, with a small budget added (the options a command
-line repeats, the last one counts), and the README's Python examples run with smaller sizes."""
+line repeats, the last one counts), and the README's Python examples run with smaller sizes. The
+"Your model" section, whose commands need its file and name their exit status, is run as written
+by tests/test_readme_your_model.py."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ SMALL = {
     "probe": ["--epochs", "1", "--max-lag", "8", "--positions", "4"],
     "train": ["--budget", "cpu:0.1"],
     "schedule": [],
+    "check": [],
     "bench": [],  # the suite itself is swapped for a tiny one below
 }
 TINY_SUITE = bench.quick_config(batch=3, inputs=3, hidden=5, outputs=2, n=40, k=8, k1=4, k2=12, long_n=40,
@@ -33,14 +36,24 @@ TINY_SUITE = bench.quick_config(batch=3, inputs=3, hidden=5, outputs=2, n=40, k=
 
 
 def _commands(text: str) -> list[str]:
-    parts = [p.strip() for p in text.split("&&")]
+    parts = [p.split("  #")[0].strip() for p in text.split("&&")]
     return [re.sub(r"^\.venv/bin/", "", p) for p in parts if re.match(r"^(\.venv/bin/)?(tbptt|torchrun) ", p)]
+
+
+def readme_text() -> str:
+    """The README without its "Your model" section (tests/test_readme_your_model.py runs that)."""
+    text = README.read_text()
+    start = text.find("\n## Your model\n")
+    if start < 0:
+        return text
+    end = text.find("\n## ", start + 1)
+    return text[:start] + (text[end:] if end >= 0 else "")
 
 
 def readme_commands() -> list[str]:
     """The commands of the README's bash blocks, of its command table's first column, and of the
     install lines written inline."""
-    text = README.read_text()
+    text = readme_text()
     found: list[str] = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
@@ -105,7 +118,7 @@ def test_a_readme_torchrun_command_runs_as_written(command, workdir):
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", readme_text(), re.S)
 
 
 # sizes the examples are run at here: the same code on fewer steps and epochs

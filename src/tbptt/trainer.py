@@ -21,7 +21,8 @@ from .contract import LossFn
 from .budget import BudgetMeter
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult, Updates
 from .fit import FitLoop, FitOptions, evaluate
-from .modelcheck import ModelContractError, check_model as check_contract
+from .modelcheck import ModelContractError
+from .modelcheck import check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT
 from .validate import one_of, positive_int, positive_number

@@ -18,7 +18,8 @@ import torch
 
 from .. import distributed as tdist
 from ..checkpoint import CheckpointError
-from ..experiments.runs import OPTIMIZERS, Configuration
+from ..experiments.runs import OPTIMIZERS, Configuration, model_for
+from ..modelcheck import ModelContractError
 from ..trainer import Trainer
 from ..validate import positive_int, positive_number
 from .console import FitLog, make_console
@@ -58,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed: how long a rank waits for the others before the job fails (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
+    p.add_argument("--check-model", action="store_true",
+                   help="before the first update, check that the model keeps the engine's contract "
+                   "(tbptt.check_model on the first segment); a model that breaks it stops the run with the report")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on the CPU (default 1: a small recurrent model's steps are too small to "
                    "share, and more threads only contend, badly on a busy machine)")
@@ -97,14 +101,15 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cpu")
         if distributed and torch.distributed.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        model = task.model(hidden=args.hidden, cell=args.cell).to(device)
+        model_name = config.model or args.model
+        model = model_for(task, model_name, args.hidden).to(device)
         optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=config.lr or args.lr)
         kind = tdist.DistributedTrainer if distributed else Trainer
         strategy = config.strategy or args.strategy
         trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=strategy,
-                       clip_grad_norm=config.clip or args.clip or None)
+                       clip_grad_norm=config.clip or args.clip or None, check_model=args.check_model)
         train = trainer.shard(task.train) if distributed else task.train
-        console.print(f"{task.description}: {schedule}, {strategy}, "
+        console.print(f"{task.description}: {model_name}, {schedule}, {strategy}, "
                       f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
         logged = [] if console.is_terminal else [FitLog(console, train.steps, args.epochs)]
         history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
@@ -114,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
+    except ModelContractError as exc:
+        console.print(str(exc.report), markup=False, highlight=False, soft_wrap=True)
+        print_error(ValueError(f"--model {args.model} breaks the engine's contract (report above); "
+                               "fix the model, or train without --check-model at your own risk"), args.parser)
+        return 2
     except (ValueError, TypeError, CheckpointError) as exc:
         print_error(exc, args.parser)
         return 2

@@ -102,7 +102,7 @@ def settings_html(meta: dict) -> str:
         "optimizer": f"{settings.get('optimizer')}, lr {number(settings.get('lr'))}",
         "gradient clipping": number(settings.get("clip")) if settings.get("clip") else "none",
         "strategy": settings.get("strategy"),
-        "model": f"{settings.get('cell')}, {settings.get('hidden')} hidden units",
+        "model": f"{settings.get('model')}, {settings.get('hidden')} hidden units",
         "steps per train_on call": settings.get("segment_length") or "the whole split",
         "wall-clock limit per run": f"{settings['max_seconds']:g} s" if settings.get("max_seconds") else None,
         "task options": ", ".join(f"{k}={v}" for k, v in dict(settings.get("task_options", {})).items()) or "defaults",

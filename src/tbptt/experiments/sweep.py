@@ -29,11 +29,13 @@ from .report import terminal_tables, write_results
 from .runs import (
     Configuration,
     RunSpec,
+    check_models,
     estimated_cost,
     failed_run,
     run_one,
     spec_dict,
     warm_up,
+    with_model,
 )
 from .summary import Row, Run, summarize
 
@@ -88,8 +90,10 @@ def _specs(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]], 
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ValueError(f"seeds must be a positive count or a list of seeds; got {seeds!r}")
-    for text in configs:
-        Configuration.parse(text)  # a bad configuration fails here, before any run starts
+    parsed = [Configuration.parse(text) for text in configs]  # a bad one fails here, before any run
+    if len({c.model or options["model"] for c in parsed}) > 1:
+        # configurations that differ by model: each names its model, so labels and groups show it
+        configs = [with_model(text, options["model"]) for text in configs]
     specs = []
     for config in configs:
         for seed in seed_list:
@@ -101,7 +105,10 @@ def _plan(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]],
           options: dict) -> tuple[list[RunSpec], dict[str, Any]]:
     """The runs of a sweep and what describes it. The lag probe is for the answer's "why" on a task
     whose dependency length is unknown, and one seed's runs suffice for it."""
+    if options["epochs"] is None and options["budget"] is None:
+        options = {**options, "epochs": 10}
     specs = _specs(task, configs, seeds, options)
+    check_models(specs)  # a user's model file that fails to import or build fails here, before any run
     meta = _meta(task, specs, options)
     first = min(s.seed for s in specs)
     specs = [s if s.probe_lags is None or (meta["dependency"] is None and s.seed == first)
@@ -131,7 +138,7 @@ def compare(
     budget: Optional[str] = None,
     strategy: str = "recompute",
     hidden: int = 32,
-    cell: str = "lstm",
+    model: str = "lstm",
     lr: float = 1e-2,
     optimizer: str = "adam",
     clip: Optional[float] = 1.0,
@@ -146,8 +153,12 @@ def compare(
     distributed: bool = False,
     probe_lags: Optional[int] = 50,
 ) -> Comparison:
-    """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..]"``) with each
-    seed and summarise skill, stability and speed per configuration.
+    """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..,model=..]"``) with
+    each seed and summarise skill, stability and speed per configuration.
+
+    ``model``: the model every configuration trains unless it names its own (``"10,40@model=lru"``):
+    a key of ``tbptt.models.MODELS`` or ``"path/to/file.py:factory"``. When the configurations
+    differ by model, each one's label names it (``"TBPTT(5,5) lru"``).
 
     ``seeds``: a count (seeds 0..count-1) or a list. ``jobs``: worker processes (default: CPU
     count, divided among this machine's ranks when distributed; at most one per run; 1 runs in
@@ -156,13 +167,11 @@ def compare(
     (results.csv/json, runs.csv, PNGs, report.html), rewritten as runs finish. Ctrl-C stops the
     sweep, writes what finished and returns with ``interrupted=True``.
 
-    ``budget``: what each run may spend, ``"epochs:N"``, ``"cpu:SECONDS"`` (CPU seconds of
-    training, validation apart) or ``"backward:STEPS"`` (``tbptt.budget``); a run stops between two
-    updates when it is spent. Without a budget each run trains ``epochs`` epochs (default 10);
-    with one, ``epochs`` (if given) caps the epochs. ``max_seconds``: a wall-clock limit per run on
-    top. ``probe_lags``: when the task's dependency length is unknown, the first seed's run of each
-    configuration measures its trained model's gradient against lag up to this many steps
-    (``gradient_vs_lag``, outside the budget) for the answer's "why"; None skips it.
+    ``budget``: what each run may spend, ``"epochs:N"``, ``"cpu:SECONDS"`` (of training) or
+    ``"backward:STEPS"`` (``tbptt.budget``); without one, ``epochs`` epochs (default 10); with one,
+    ``epochs`` caps it. ``max_seconds``: a wall-clock limit on top. ``probe_lags``: on a task whose
+    dependency length is unknown, the first seed's runs probe their trained model's gradient
+    against lag (``gradient_vs_lag``, outside the budget) for the answer's "why"; None skips it.
 
     ``distributed``: spread the runs over the ranks of an initialised ``torch.distributed`` process
     group (e.g. processes started by torchrun on several machines); each rank runs its share with
@@ -170,9 +179,7 @@ def compare(
     the whole comparison. A run's result depends only on its seed, so the outcome equals a local
     sweep's.
     """
-    if epochs is None and budget is None:
-        epochs = 10
-    options = dict(epochs=epochs, budget=budget, strategy=strategy, hidden=hidden, cell=cell, lr=lr,
+    options = dict(epochs=epochs, budget=budget, strategy=strategy, hidden=hidden, model=model, lr=lr,
                    optimizer=optimizer, clip=clip, segment_length=segment_length, max_seconds=max_seconds,
                    probe_lags=probe_lags, task_options=tuple(sorted((task_options or {}).items())))
     specs, meta = _plan(task, configs, seeds, options)
