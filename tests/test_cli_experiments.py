@@ -102,10 +102,14 @@ def test_bad_arguments_are_errors_before_any_work(args, message, capsys, monkeyp
 def test_compare_end_to_end_with_a_diverging_configuration(tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["compare", *TINY_ADDING, "--config", "5,5", "--config", "2,10", "--config", "5,5@lr=1e25",
-                 "--seeds", "2", "--epochs", "2", "--jobs", "1", "--out", str(out), "--no-progress"])
+                 "--seeds", "2", "--epochs", "2", "--jobs", "1", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "adding: skill" in printed and "report:" in printed
+    # not a terminal (a log): every table at its full width, no cell cut, and a line per finished run
+    assert "…" not in printed and "train CPU s" in printed and "bwd steps" in printed and "steps/s" in printed
+    assert all(len(line) < 1000 for line in printed.splitlines())
+    assert "done 6/6: TBPTT(" in printed and printed.index("which TBPTT(k1, k2)") < printed.index("adding: skill")
     data = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in data["summary"]}
     assert set(rows) == {"TBPTT(5,5)", "TBPTT(2,10)", "TBPTT(5,5) lr=1e+25"}
@@ -232,6 +236,31 @@ def test_the_probe_says_which_recommendation_applies_and_why():
     assert "training shortened" in text and "does not beat the baseline yet" in text
     growing = LagProfile(list(range(1, 41)), [1.1 ** lag for lag in range(1, 41)], 8)
     assert "exploding" in " ".join(which_applies({"untrained": fast, "trained": growing}, 0.01, 40, task, 0.5))
+
+
+def test_a_log_gets_a_progress_line_every_few_seconds():
+    from rich.console import Console
+
+    from tbptt.experiments.progress import SweepProgress
+
+    now = [0.0]
+    console = Console(file=__import__("io").StringIO(), width=1000, force_terminal=False)
+    with SweepProgress(True, 4, {0: "TBPTT(5,5) seed 0", 1: "TBPTT(2,8) seed 0"}, console, every=5.0,
+                       now=lambda: now[0]) as bar:
+        bar.event(("started", 0))
+        now[0] = 2.0
+        bar.event(("progress", 0, {"epoch": 3, "loss": 0.5, "done": 0.5, "left": "1.5 CPU s of training"}))
+        assert console.file.getvalue() == ""  # under 5 s since the start: nothing yet
+        now[0] = 6.0
+        bar.tick()
+        bar.run_done(0, "TBPTT(5,5) seed 0 ok")
+        now[0] = 12.0
+        bar.tick()
+    lines = console.file.getvalue().splitlines()
+    assert lines[0] == ("[6 s] runs done 0/4; running: TBPTT(5,5) seed 0 (epoch 3, loss 0.5, 1.5 CPU s of "
+                        "training left); about 42 s left")  # 1/8 of the sweep in 6 s
+    assert lines[1] == "[6 s] done 1/4: TBPTT(5,5) seed 0 ok"
+    assert lines[2] == "[12 s] runs done 1/4; about 36 s left" and len(lines) == 3
 
 
 def test_demo_quick(tmp_path, capsys):

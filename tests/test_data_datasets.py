@@ -183,12 +183,28 @@ def test_text_task_on_a_small_file(tmp_path):
     assert task.loss_fn(outputs, task.valid.targets).shape == (1, 2)
 
 
+def test_a_long_text_suggests_short_calls_and_few_epochs(tmp_path):
+    words = "a recurrent network reads one character at a time ".split()
+    text = " ".join(words[i % len(words)] for i in range(200_000))[:1_000_000]
+    (tmp_path / "book.txt").write_text(text)
+    task = load_task("text", path=tmp_path / "book.txt")
+    assert task.train.steps == 56_250 and task.segment_length == 500 and task.epochs == 4  # 1 MB in 16 rows
+    assert load_task("co2").segment_length is None and load_task("co2").epochs is None
+
+
 def test_text_task_errors(tmp_path):
     with pytest.raises(ValueError, match="path="):
         load_task("text")
     short = tmp_path / "short.txt"
     short.write_text("abcdefghij", encoding="utf-8")
-    with pytest.raises(ValueError, match="short.txt.*10 characters.*leaves 0 valid pairs"):
+    with pytest.raises(ValueError, match="short.txt' has 10 characters; the text task needs at least 20"):
         load_task("text", path=short, batch_size=2)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt' has 0 characters"):
+        load_task("text", path=tmp_path / "empty.txt")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(ValueError, match=r"latin.txt' is not utf-8 text \(byte 0xe9 at position 3\); give its encoding"):
+        load_task("text", path=tmp_path / "latin.txt")
+    assert load_task("text", path=tmp_path / "latin.txt", encoding="latin-1").vocab == 6  # c a f é space, unknown
     with pytest.raises(FileNotFoundError):
         load_task("text", path=tmp_path / "missing.txt")

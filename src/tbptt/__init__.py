@@ -4,6 +4,7 @@ See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 """
 
 from . import models as models
+from .budget import Budget, BudgetMeter
 from .checkpoint import CheckpointError
 from .data import (
     TASKS,
@@ -40,6 +41,8 @@ __all__ = [
     "Mamba",
     "Update",
     "Trainer",
+    "Budget",
+    "BudgetMeter",
     "UpdateRecord",
     "NonFiniteError",
     "History",
