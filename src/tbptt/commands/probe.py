@@ -14,6 +14,7 @@ from ..experiments.plots import plot_lag_profiles
 from ..experiments.runs import OPTIMIZERS, Configuration, model_for
 from ..trainer import Trainer
 from ..validate import fraction, positive_int
+from .console import make_console
 from .options import add_run_options, check_run_options, load_task, print_error, task_defaults
 
 
@@ -47,9 +48,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
+    console = make_console()
     try:
         _check(args)
         task = load_task(args.task, args.task_option)
