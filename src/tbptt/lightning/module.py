@@ -220,6 +220,11 @@ class TBPTTModule(pl.LightningModule):
                                        segment.resets):
             self._record(apply_update(self._combine(result, named), named, optimizer, clip, self.nonfinite, started))
             started = time.perf_counter()
+        if segment.end_of_stream:
+            # epoch schedulers step as the pass ends, so that a checkpoint taken after this segment
+            # holds the step (Lightning skips a resumed epoch's end); ReduceLROnPlateau waits for
+            # the validation at on_train_epoch_end
+            self._step_schedulers("epoch", plateau=False)
 
     def on_train_epoch_end(self) -> None:
         records = self._epoch_records
@@ -235,7 +240,7 @@ class TBPTTModule(pl.LightningModule):
         for key, value in epoch.items():
             self.log(key, float(value), **_PER_EPOCH)
         if self.engine.position == 0:  # the pass reached its end (not a stop inside the epoch)
-            self._step_schedulers("epoch")
+            self._step_schedulers("epoch", plateau=True)
 
     def _continue_streams(self, segment: SegmentBatch, batch_idx: int) -> None:
         """Check that the segment continues the open streams (or starts a pass) with the same rows."""
@@ -279,18 +284,20 @@ class TBPTTModule(pl.LightningModule):
             self.updates_applied += 1
             self.log("train_loss", record.loss, prog_bar=True, **_PER_UPDATE)
             self.log("grad_norm", record.grad_norm, **_PER_UPDATE)
-            self._step_schedulers("step")
+            self._step_schedulers("step", plateau=None)
         self.log("updates", float(self.updates_applied), **_PER_UPDATE)
         self.log("skipped", float(self.updates_skipped), **_PER_UPDATE)
 
-    def _step_schedulers(self, interval: str) -> None:
+    def _step_schedulers(self, interval: str, plateau: Optional[bool]) -> None:
         """Step the schedulers of ``interval`` ("step": after each applied update; "epoch"), as
-        Lightning does under automatic optimization (and leaves to the module under manual)."""
+        Lightning does under automatic optimization (and leaves to the module under manual); only
+        ``ReduceLROnPlateau`` ones, or only the others, when ``plateau`` says so."""
         for config in self.trainer.lr_scheduler_configs:
             count = self.updates_applied if interval == "step" else self.current_epoch + 1
-            if config.interval != interval or count % config.frequency:
+            watches = isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if config.interval != interval or count % config.frequency or plateau not in (None, watches):
                 continue
-            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if watches:
                 metrics = self.trainer.callback_metrics
                 if self.scheduler_monitor not in metrics:
                     raise ValueError(
