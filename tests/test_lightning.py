@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,15 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore:.*treespec, LeafSpec"),  # Lightning 2.6 on torch 2.13's pytree
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def data(seed=3, rows=ROWS, steps=STEPS):
@@ -387,6 +397,39 @@ def test_a_dataloader_of_segment_tuples_trains_as_segments_do():
     assert_same_weights(weights(m.model), weights(same.model), tol=0)
 
 
+class LightningOneStyle(lightning.pytorch.LightningModule):
+    """What Lightning 1.x did with truncated_bptt_steps=k, written with 2.x manual optimization:
+    each batch of B sequences cut into chunks of k, one step per chunk, the state carried detached
+    from chunk to chunk and fresh at each batch."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net, self.k = make_model("lstm", 0), k
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer, hiddens = self.optimizers(), None
+        for a in range(0, x.shape[1], self.k):
+            out, hiddens = self.net(x[:, a:a + self.k], hiddens)
+            optimizer.zero_grad()
+            self.manual_backward(mse_steps(out, y[:, a:a + self.k]).mean())
+            optimizer.step()
+            hiddens = tuple(h.detach() for h in hiddens)
+
+    def configure_optimizers(self):
+        return adam(self.parameters())
+
+
+def test_the_migration_from_truncated_bptt_steps_makes_the_same_updates():
+    x, y = make_data(4, 8, 10)  # 8 sequences of 10 steps, batches of 4, truncated_bptt_steps=5
+    old = LightningOneStyle(5)
+    fit(old, DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4))
+    new = module(5, 5)
+    fit(new, segments(tbptt.data.packed_streams(list(x), list(y), batch_size=4), segment_length=5))
+    assert_same_weights(weights(old.net), weights(new.model))
+
+
 class Automatic(TBPTTModule):
     def __init__(self):
         super().__init__(make_model("lstm", 0), mse_steps, optimizer=adam, schedule=tbptt.TBPTT(3, 8))
@@ -453,6 +496,17 @@ def test_bad_arguments_to_the_module_say_what_was_expected():
         module(strategy="exact")
     with pytest.raises(ValueError, match="has no optimizer: pass optimizer=lambda params"):
         fit(TBPTTModule(model, mse_steps, schedule=tbptt.TBPTT(3, 8)), segments(data(), segment_length=LENGTH))
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Inside PyTorch Lightning", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # Lightning writes its checkpoints beside the script
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "600 updates, validation loss" in out
+    assert float(out.rsplit(" ", 1)[1]) < 0.1  # it learnt: the signal's variance is about 0.6
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .loader import SegmentBatch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-_PER_UPDATE = {"on_step": True, "on_epoch": False, "batch_size": 1}
+_PER_STEP = {"on_step": True, "on_epoch": False, "batch_size": 1}
 _PER_EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1, "sync_dist": True}
 
 
@@ -216,10 +216,13 @@ class TBPTTModule(pl.LightningModule):
         named = self.engine.named_parameters()
         clip = self.clip_grad_norm if self.clip_grad_norm is not None else self._lightning_clip
         started = time.perf_counter()
+        records = []
         for result in self.engine.feed(segment.inputs, segment.targets, segment.mask, segment.end_of_stream,
                                        segment.resets):
-            self._record(apply_update(self._combine(result, named), named, optimizer, clip, self.nonfinite, started))
+            records.append(apply_update(self._combine(result, named), named, optimizer, clip, self.nonfinite, started))
+            self._count(records[-1])
             started = time.perf_counter()
+        self.log_updates(records)
         if segment.end_of_stream:
             # epoch schedulers step as the pass ends, so that a checkpoint taken after this segment
             # holds the step (Lightning skips a resumed epoch's end); ReduceLROnPlateau waits for
@@ -275,18 +278,26 @@ class TBPTTModule(pl.LightningModule):
             return result
         return combine_ranks(result, named, _all_reduced)
 
-    def _record(self, record: UpdateRecord) -> None:
+    def _count(self, record: UpdateRecord) -> None:
         self.records.append(record)
         self._epoch_records.append(record)
         if record.skipped:
             self.updates_skipped += 1
         else:
             self.updates_applied += 1
-            self.log("train_loss", record.loss, prog_bar=True, **_PER_UPDATE)
-            self.log("grad_norm", record.grad_norm, **_PER_UPDATE)
             self._step_schedulers("step", plateau=None)
-        self.log("updates", float(self.updates_applied), **_PER_UPDATE)
-        self.log("skipped", float(self.updates_skipped), **_PER_UPDATE)
+
+    def log_updates(self, records: list[UpdateRecord]) -> None:
+        """Log what a training step's updates did: the last applied one's loss and gradient norm, and
+        the updates applied and skipped so far. Called once per training step, not per update
+        (Lightning keeps one value per step and key, and each ``self.log`` costs about a millisecond
+        on a small CPU, see docs/lightning.md); override to log more or less."""
+        applied = [r for r in records if not r.skipped]
+        if applied:
+            self.log("train_loss", applied[-1].loss, prog_bar=True, **_PER_STEP)
+            self.log("grad_norm", applied[-1].grad_norm, **_PER_STEP)
+        self.log("updates", float(self.updates_applied), **_PER_STEP)
+        self.log("skipped", float(self.updates_skipped), **_PER_STEP)
 
     def _step_schedulers(self, interval: str, plateau: Optional[bool]) -> None:
         """Step the schedulers of ``interval`` ("step": after each applied update; "epoch"), as
