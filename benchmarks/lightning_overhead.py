@@ -28,7 +28,7 @@ import torch
 
 import lightning
 import tbptt
-from tbptt._bench_jobs import Workload, per_step_mse
+from tbptt.bench.jobs import Workload, per_step_mse
 from tbptt.files import atomic_write_text
 from tbptt.lightning import TBPTTModule, segments
 

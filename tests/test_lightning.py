@@ -8,8 +8,6 @@ import csv
 import datetime
 import os
 import socket
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tbptt
-from tbptt.lightning import SegmentBatch, TBPTTModule, segments
+from tbptt.lightning import TBPTTModule, segments
 from tbptt.validate import InvalidArgument
 from _models import make_data, make_model, mse_steps
 from test_fit import Dropout
@@ -93,12 +91,6 @@ def assert_same_weights(a, b, tol=1e-12):
 
 
 # ----------------------------------------------------------------------------------------------
-def test_import_tbptt_does_not_load_lightning():
-    code = "import sys, tbptt; print(sorted(m for m in ('lightning', 'pytorch_lightning') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_segments_are_consecutive_in_order_and_the_last_ends_the_streams():
     split = data()
     loader = segments(split, segment_length=LENGTH)

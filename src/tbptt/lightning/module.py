@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 try:
     import lightning.pytorch as pl
@@ -35,6 +34,7 @@ from ..records import UpdateRecord
 from ..schedule import TBPTT
 from ..trainer import NonFinite, apply_update
 from ..validate import one_of, positive_number
+from .checks import as_segment, check_loaders, check_parts, check_trainer
 from .loader import SegmentBatch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -79,7 +79,9 @@ class TBPTTModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        _check_parts(type(self), model, loss_fn, optimizer, scheduler, schedule)
+        overridden = {name for name in ("forward", "step_losses")
+                      if getattr(type(self), name) is not getattr(TBPTTModule, name)}
+        check_parts(model, loss_fn, optimizer, scheduler, schedule, overridden)
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer_factory = optimizer
@@ -146,41 +148,14 @@ class TBPTTModule(pl.LightningModule):
         pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
 
     def _check_trainer(self, trainer: "pl.Trainer") -> None:
-        if self.automatic_optimization:
-            raise ValueError(
-                f"{type(self).__name__} sets automatic_optimization=True, but TBPTTModule applies each TBPTT "
-                "update itself (Lightning's manual optimization): leave automatic_optimization False and "
-                "override forward and step_losses rather than training_step"
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot apply to TBPTT: an update "
-                "is applied when the schedule closes its block (every k1 steps), not per batch. Remove it; to "
-                "update less often raise k1 in schedule=TBPTT(k1, k2), or train more streams side by side"
-            )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"Trainer(precision={trainer.precision!r}) scales the loss with a GradScaler, which TBPTT's "
-                "gradients (torch.autograd.grad per update) never pass through; use precision='bf16-mixed' or "
-                "'32-true'"
-            )
-        self._lightning_clip = self._hidden_clip = None
-        clip = trainer.gradient_clip_val
-        if clip:
-            algorithm = trainer.gradient_clip_algorithm
-            if algorithm is not None and algorithm.value != "norm":
-                raise ValueError(
-                    f"Trainer(gradient_clip_algorithm={algorithm.value!r}): TBPTTModule clips each update's gradient "
-                    "by its 2-norm; use gradient_clip_algorithm='norm' (or clip_grad_norm=)"
-                )
-            if self.clip_grad_norm is not None and self.clip_grad_norm != clip:
-                raise ValueError(
-                    f"clip_grad_norm={self.clip_grad_norm} and Trainer(gradient_clip_val={clip}) disagree; give one"
-                )
+        self._hidden_clip = None
+        self._lightning_clip = check_trainer(trainer, type(self).__name__, self.automatic_optimization,
+                                             self.clip_grad_norm)
+        if self._lightning_clip is not None:
             # Lightning refuses gradient_clip_val under manual optimization, since it cannot see the
             # steps; this module clips each update itself, so the value is hidden from that check
             # until setup() puts it back
-            self._lightning_clip, self._hidden_clip = float(clip), (trainer, clip)
+            self._hidden_clip = (trainer, trainer.gradient_clip_val)
             trainer.gradient_clip_val = None
 
     def setup(self, stage: str) -> None:
@@ -190,7 +165,7 @@ class TBPTTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        _check_loaders(self.trainer.train_dataloader, "train_dataloaders")
+        check_loaders(self.trainer.train_dataloader, "train_dataloaders")
         if math.isinf(self.trainer.num_training_batches):
             raise ValueError(
                 "the train loader has no len(): TBPTTModule must know a pass's last segment, where the streams "
@@ -208,7 +183,7 @@ class TBPTTModule(pl.LightningModule):
         self._epoch_records = []
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        segment = _segment(batch, batch_idx, self.trainer.num_training_batches)
+        segment = as_segment(batch, batch_idx, self.trainer.num_training_batches)
         self._continue_streams(segment, batch_idx)
         optimizer = self.optimizers()
         if isinstance(optimizer, list):
@@ -322,11 +297,11 @@ class TBPTTModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     # validation: the state carried across the loader's segments from a fresh start, no graph
     def on_validation_epoch_start(self) -> None:
-        _check_loaders(self.trainer.val_dataloaders, "val_dataloaders")
+        check_loaders(self.trainer.val_dataloaders, "val_dataloaders")
         self._valid = (None, 0.0, 0.0)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        segment = _segment(batch, batch_idx, math.inf)
+        segment = as_segment(batch, batch_idx, math.inf)
         state, total, count = self._valid
         if batch_idx == 0:
             state = None
@@ -388,64 +363,6 @@ class TBPTTModule(pl.LightningModule):
         self.records = []
         self._rows = engine["batch_size"]
         self._resumed_open = self.engine.position > 0
-
-
-# ----------------------------------------------------------------------------------------------
-def _check_parts(cls: type, model: Any, loss_fn: Any, optimizer: Any, scheduler: Any, schedule: Any) -> None:
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if model is None and cls.forward is TBPTTModule.forward:
-        raise TypeError("TBPTTModule needs model= (forward(inputs, state) -> (outputs, state)), or a subclass "
-                        "that overrides forward")
-    if loss_fn is None and cls.step_losses is TBPTTModule.step_losses:
-        raise TypeError("TBPTTModule needs loss_fn= ((outputs, targets) -> per-step losses [B, T]), or a "
-                        "subclass that overrides step_losses")
-    for name, value, example in (("optimizer", optimizer, "lambda params: torch.optim.Adam(params, 1e-3)"),
-                                 ("scheduler", scheduler, "lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)")):
-        if value is not None and not callable(value):
-            raise TypeError(f"{name} must be a function that builds it, e.g. {name}={example}; got "
-                            f"{type(value).__name__}")
-    if not isinstance(schedule, TBPTT):
-        raise TypeError(f"schedule must be a tbptt.TBPTT, e.g. schedule=tbptt.TBPTT(5, 20); got {schedule!r}")
-
-
-def _segment(batch: Any, batch_idx: int, batches: float) -> SegmentBatch:
-    """A batch as a segment of the streams; the last of a pass ends them."""
-    last = batch_idx + 1 >= batches
-    if isinstance(batch, SegmentBatch):
-        return batch if batch.end_of_stream or not last else batch._replace(end_of_stream=True)
-    if isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 4 and all(
-        t is None or isinstance(t, torch.Tensor) for t in batch
-    ):
-        inputs, targets, mask, resets = (*batch, None, None)[:4]
-        return SegmentBatch(inputs, targets, mask, resets, None, last)
-    raise TypeError(
-        "TBPTTModule trains on segments of the streams: batches from tbptt.lightning.segments(...) or tuples "
-        f"(inputs[B, T, ...], targets[, mask[, resets]]); got {type(batch).__name__}"
-    )
-
-
-def _check_loaders(loaders: Any, argument: str) -> None:
-    """One loader, which must not shuffle nor deal segments out to ranks."""
-    flat = list(loaders.values()) if isinstance(loaders, dict) else (
-        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
-    if len(flat) != 1:
-        raise ValueError(f"TBPTTModule takes one loader of segments as {argument}; got {len(flat)}")
-    loader = flat[0]
-    if not isinstance(loader, DataLoader):
-        return
-    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        if isinstance(sampler, RandomSampler) or getattr(sampler, "shuffle", False):
-            raise ValueError(
-                f"the {argument} loader shuffles ({type(sampler).__name__}), but each segment continues the "
-                "streams of the one before it; use tbptt.lightning.segments(...) or DataLoader(..., shuffle=False)"
-            )
-        if isinstance(sampler, DistributedSampler):
-            raise ValueError(
-                f"the {argument} loader has a DistributedSampler (Lightning adds one under DDP), which deals "
-                "segments, steps in time, out to the ranks; use tbptt.lightning.segments(...), which gives each "
-                "rank its rows, every step of them"
-            )
 
 
 def _all_reduced(buffer: torch.Tensor) -> torch.Tensor:
