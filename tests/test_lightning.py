@@ -270,6 +270,8 @@ def test_early_stopping_and_model_checkpoint_watch_the_validation_loss(tmp_path)
     result = lightning.Trainer(**QUIET).validate(again, segments(valid, segment_length=LENGTH),
                                                  ckpt_path=best.best_model_path, verbose=False)
     assert result[0]["val_loss"] == pytest.approx(best.best_model_score.item(), rel=1e-6)
+    fit(again, segments(split, segment_length=LENGTH), max_epochs=1)  # no ckpt_path: fresh streams and counts
+    assert again.updates_applied == 8 and again.engine.position == 0
 
 
 def test_max_steps_stops_at_the_end_of_the_segment_that_reaches_it():

@@ -148,7 +148,9 @@ class TBPTTModule(pl.LightningModule):
         pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
 
     def _check_trainer(self, trainer: "pl.Trainer") -> None:
-        self._hidden_clip = None
+        # streams read before this run (load_from_checkpoint) are not this run's; a ckpt_path of
+        # this run is read after this point
+        self._restored = self._hidden_clip = None
         self._lightning_clip = check_trainer(trainer, type(self).__name__, self.automatic_optimization,
                                              self.clip_grad_norm)
         if self._lightning_clip is not None:
