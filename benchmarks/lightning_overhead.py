@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -199,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"torch {torch.__version__}, one thread, process CPU time; n={n} steps per epoch, segments of "
             f"{length} unless said, {args.epochs} epochs per fit, {args.repeats} repeats; {platform.processor() or platform.machine()}\n"]
     record = []
+    load = os.getloadavg()[0]
     for k1, k2, strategy, size in configs:
         batch, inputs, hidden, outputs = sizes[size]
         work = Workload(batch, inputs, hidden, outputs, n)
@@ -209,6 +211,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         text.append(table(title, rows))
         record.append({"configuration": title, "rows": rows, "runs": runs})
         print(text[-1], flush=True)
+    text.append(f"Load average of the machine (2 cores, shared): {load:.1f} at the start, "
+                f"{os.getloadavg()[0]:.1f} at the end.\n")
     for path in args.out:
         if path.endswith(".json"):
             atomic_write_text(path, json.dumps({"n": n, "segment_length": length, "epochs": args.epochs,

@@ -12,21 +12,20 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning  # the [lightning] extra, which CI installs: a missing install fails here, never skips
 import pytest
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import tbptt
 from tbptt.lightning import TBPTTModule, segments
 from tbptt.validate import InvalidArgument
 from _models import make_data, make_model, mse_steps
 from test_fit import Dropout
-
-lightning = pytest.importorskip("lightning")  # the [lightning] extra; CI installs it
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler  # noqa: E402
 
 ROWS, STEPS, LENGTH = 4, 23, 5
 QUIET = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False,
@@ -195,20 +194,28 @@ def test_a_subclass_overrides_forward_and_loss_and_validation_carries_state_with
     loss_fn = lambda o, t: (o - t).abs().mean(-1)  # noqa: E731
     ref = tbptt.Trainer(m.net, loss_fn, adam(m.net.parameters()), tbptt.TBPTT(3, 8))  # the trained weights
     carried = ref.evaluate(valid, segment_length=4)["loss"]
-    pieces = [ref.evaluate(tbptt.data.Split(*(t[:, a:a + 4] for t in (valid.inputs, valid.targets,
-                                                                               valid.mask, valid.resets))))
-              for a in range(0, STEPS, 4)]
+    pieces = [ref.evaluate(piece) for piece in valid.segments(4)]  # each from a fresh state
     assert trainer.callback_metrics["val_loss"].item() == pytest.approx(carried, rel=1e-6)
     assert abs(carried - sum(p["loss"] for p in pieces) / len(pieces)) > 1e-3  # a reset state would differ
     assert seen and all(not grad for grad, _ in seen)
     assert [s for _, s in seen] == [False] + [True] * (len(seen) - 1)  # the state goes on segment after segment
 
 
-def test_logged_values_reach_the_csv_logger(tmp_path):
+class GradientSeen(Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms.append(float(tbptt.trainer.total_norm([p.grad for p in pl_module.parameters()])))
+
+
+def test_logged_values_reach_the_csv_logger_and_hooks_see_each_update(tmp_path):
     split = data()
     m = module(5, 5, clip_grad_norm=0.5)  # one update per segment: each logged step is one update
+    seen = GradientSeen()
     fit(m, segments(split, segment_length=LENGTH), segments(data(seed=5), segment_length=LENGTH),
-        **{**QUIET, "logger": CSVLogger(tmp_path, name="run"), "log_every_n_steps": 1})
+        **{**QUIET, "logger": CSVLogger(tmp_path, name="run"), "log_every_n_steps": 1}, callbacks=[seen])
+    assert seen.norms == pytest.approx([min(r.grad_norm, 0.5) for r in m.records], rel=1e-5)  # clipped
     (path,) = tmp_path.glob("run/*/metrics.csv")
     rows = list(csv.DictReader(path.open()))
     steps = [r for r in rows if r["train_loss"]]

@@ -267,8 +267,8 @@ class TBPTTModule(pl.LightningModule):
     def log_updates(self, records: list[UpdateRecord]) -> None:
         """Log what a training step's updates did: the last applied one's loss and gradient norm, and
         the updates applied and skipped so far. Called once per training step, not per update
-        (Lightning keeps one value per step and key, and each ``self.log`` costs about a millisecond
-        on a small CPU, see docs/lightning.md); override to log more or less."""
+        (Lightning keeps one value per step and key, and each ``self.log`` costs most of a
+        millisecond on a small CPU, see docs/lightning.md); override to log more or less."""
         applied = [r for r in records if not r.skipped]
         if applied:
             self.log("train_loss", applied[-1].loss, prog_bar=True, **_PER_STEP)
