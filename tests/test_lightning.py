@@ -7,7 +7,6 @@ tests read; everything else runs in this process on tiny models and short stream
 import csv
 import datetime
 import os
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import lightning  # the [lightning] extra, which CI installs: a missing install fails here, never skips
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -25,6 +23,7 @@ import tbptt
 from tbptt.lightning import TBPTTModule, segments
 from tbptt.validate import InvalidArgument
 from _models import make_data, make_model, mse_steps
+from _ranks import free_port, run_ranks
 from test_fit import Dropout
 
 ROWS, STEPS, LENGTH = 4, 23, 5
@@ -548,18 +547,7 @@ def ddp_rank(rank, port, out):
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(ddp_rank, args=(port, str(out)), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    for p in context.processes:
-        p.join(max(0.1, deadline - time.monotonic()))
-    alive = [p for p in context.processes if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "the DDP ranks hung"
-    assert [p.exitcode for p in context.processes] == [0, 0]
+    assert run_ranks(ddp_rank, (free_port(), str(out)), 2, 120, "fork") == [0, 0]
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
