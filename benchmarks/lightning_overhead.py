@@ -29,7 +29,7 @@ import torch
 
 import lightning
 import tbptt
-from tbptt.bench.jobs import Workload, per_step_mse
+from tbptt.bench.workloads import Workload, per_step_mse
 from tbptt.files import atomic_write_text
 from tbptt.lightning import TBPTTModule, segments
 
