@@ -1,7 +1,6 @@
 """Every command in the README runs as written, with a small budget added (the options a command
 line repeats, the last one counts), and the README's Python examples run with smaller sizes. The
-"Your model" section, whose commands need its file and name their exit status, is run as written
-by tests/test_readme_your_model.py."""
+sections "Your model" and "Inside PyTorch Lightning" are run as written by tests of their own."""
 
 from __future__ import annotations
 
@@ -40,14 +39,19 @@ def _commands(text: str) -> list[str]:
     return [re.sub(r"^\.venv/bin/", "", p) for p in parts if re.match(r"^(\.venv/bin/)?(tbptt|torchrun) ", p)]
 
 
+# sections that a test of their own runs as written
+OWN_TESTS = {"Your model": "tests/test_readme_your_model.py", "Inside PyTorch Lightning": "tests/test_lightning.py"}
+
+
 def readme_text() -> str:
-    """The README without its "Your model" section (tests/test_readme_your_model.py runs that)."""
+    """The README without the sections ``OWN_TESTS`` names."""
     text = README.read_text()
-    start = text.find("\n## Your model\n")
-    if start < 0:
-        return text
-    end = text.find("\n## ", start + 1)
-    return text[:start] + (text[end:] if end >= 0 else "")
+    for title in OWN_TESTS:
+        start = text.find(f"\n## {title}\n")
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            text = text[:start] + (text[end:] if end >= 0 else "")
+    return text
 
 
 def readme_commands() -> list[str]:
