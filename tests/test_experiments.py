@@ -303,3 +303,9 @@ def test_default_workers_are_shared_among_a_machines_ranks(monkeypatch):
     assert sweep.default_jobs(distributed=False) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert sweep.default_jobs(distributed=True) == 1
+
+
+def test_a_label_names_the_strategy_once():
+    assert summary.label({"config": "TBPTT(1,50) strategy=stored", "strategy": "stored"}, 2) == "TBPTT(1,50) strategy=stored"
+    assert summary.label({"config": "TBPTT(1,50)", "strategy": "stored"}, 2) == "TBPTT(1,50) stored"
+    assert summary.label({"config": "TBPTT(1,50)", "strategy": "stored"}, 1) == "TBPTT(1,50)"
