@@ -1,27 +1,35 @@
-"""Atomic checkpoints of a whole training run: weights, optimizer, scheduler, RNG, the streams.
+"""Atomic, verified checkpoints of a whole training run: weights, optimizer, scheduler, RNG, the
+streams.
 
 A checkpoint is written to a temporary file beside its target and renamed over it, so a crash
-during a save leaves the previous checkpoint whole. Non-finite weights are never saved.
+during a save leaves the previous checkpoint whole. Non-finite weights are never saved. The file is
+``MAGIC``, the ``torch.save`` archive, and a trailer with the archive's length and SHA-256, checked
+on every load: a flipped bit, a truncated copy or a file that is not a checkpoint is a
+``CheckpointError``, never a silently different run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import torch
 
 from .files import PathLike, atomic_write
+from .saved import CheckpointError as CheckpointError
+from .saved import tensor_dict
 
 FORMAT = "tbptt-checkpoint"
-VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not belong to this model and schedule."""
+VERSION = 2
+MAGIC = b"TBPTT-CHECKPOINT\n"
+_TRAILER = re.compile(rb"\nsha256 ([0-9a-f]{64}) ([0-9]{20})\n\Z")
+_TRAILER_SIZE = 94
 
 
 def rng_state() -> dict[str, Any]:
@@ -32,9 +40,18 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
-def set_rng_state(saved: dict[str, Any]) -> None:
-    torch.set_rng_state(saved["torch"])
-    random.setstate(saved["python"])
+def set_rng_state(saved: Any) -> None:
+    """Restore ``rng_state()``; a ``CheckpointError`` naming the field if it is not one."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("torch"), torch.Tensor):
+        raise CheckpointError(f"checkpoint field rng must hold the generators' states; got {type(saved).__name__}")
+    try:
+        torch.set_rng_state(saved["torch"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint field rng.torch is not a torch generator state: {exc}") from exc
+    try:
+        random.setstate(saved["python"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint field rng.python is not a Python generator state: {exc!r}") from exc
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
 
@@ -50,38 +67,84 @@ def finite(tree: Any) -> bool:
     return True
 
 
+class _Hashing:
+    """A binary file that hashes and counts what is written through it."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write(payload: dict[str, Any], f: IO[bytes]) -> None:
+    f.write(MAGIC)
+    body = _Hashing(f)
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, body)
+    f.write(b"\nsha256 %s %020d\n" % (body.hash.hexdigest().encode(), body.size))
+
+
 def save(payload: dict[str, Any], path: PathLike) -> Path:
-    """Write ``payload`` atomically to ``path``; refuses non-finite model weights."""
+    """Write ``payload`` atomically to ``path`` with its content hash; refuses non-finite model weights."""
     path = Path(path)
     if not finite(payload.get("model", {})):
         raise CheckpointError(f"refusing to save non-finite weights to {path}; the previous checkpoint is kept")
-    return atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+    return atomic_write(path, lambda f: _write(payload, f))
+
+
+def _verified(path: Path) -> bytes:
+    """The archive inside the file at ``path``, once its length and hash are checked."""
+    corrupt = "; resume from an earlier checkpoint or start afresh"
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC))
+        if head != MAGIC:
+            if head.startswith(b"PK\x03\x04"):
+                raise CheckpointError(f"{path} is a plain torch.save archive, not a tbptt checkpoint of version "
+                                      f"{VERSION} (those of earlier versions had no content hash and are not read)")
+            raise CheckpointError(f"{path} is not a readable checkpoint (it does not start as one); it may be "
+                                  f"truncated or corrupt{corrupt}")
+        body = f.read()
+    trailer = _TRAILER.search(body[-_TRAILER_SIZE:])
+    if trailer is None or len(body) < _TRAILER_SIZE:
+        raise CheckpointError(f"{path} is not a readable checkpoint (its trailer is missing or damaged); it may be "
+                              f"truncated or corrupt{corrupt}")
+    archive = body[:-_TRAILER_SIZE]
+    if len(archive) != int(trailer.group(2)):
+        raise CheckpointError(f"{path} is corrupt: it holds {len(archive)} bytes where {int(trailer.group(2))} were "
+                              f"written (truncated or padded){corrupt}")
+    if hashlib.sha256(archive).hexdigest().encode() != trailer.group(1):
+        raise CheckpointError(f"{path} is corrupt: its content does not match the SHA-256 written with it (a "
+                              f"changed byte: bit rot, a bad copy or an edit){corrupt}")
+    return archive
 
 
 def load(path: PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by ``save``; a clear ``CheckpointError`` if it is not one."""
+    """Read a checkpoint written by ``save``, its content hash verified; a clear ``CheckpointError`` if
+    it is not one, or if any byte of it changed."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint")
+    archive = _verified(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(io.BytesIO(archive), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), None)
         if refused is None:
-            raise CheckpointError(
-                f"{path} is not a readable checkpoint (UnpicklingError); it may be truncated or corrupt: "
-                "resume from an earlier checkpoint or start afresh"
-            ) from exc
+            raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError: {exc})") from exc
         # a class of the user's (a state as a NamedTuple, say) that safe loading will not rebuild
         raise CheckpointError(
             f"{path} holds a type that safe loading refuses ({refused}); allow it with "
             "torch.serialization.add_safe_globals([TheClass]) before resuming"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__}); it may be truncated "
-            "or corrupt: resume from an earlier checkpoint or start afresh"
-        ) from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tbptt checkpoint (no '{FORMAT}' tag)")
     if data.get("version") != VERSION:
@@ -89,8 +152,10 @@ def load(path: PathLike) -> dict[str, Any]:
     return data
 
 
-def check_model(saved: dict[str, torch.Tensor], model: torch.nn.Module, path: Optional[PathLike] = None) -> None:
-    """Raise a ``CheckpointError`` naming what differs if ``saved`` does not fit ``model``."""
+def check_model(saved: Any, model: torch.nn.Module, path: Optional[PathLike] = None, field: str = "model") -> None:
+    """Raise a ``CheckpointError`` naming what differs if ``saved`` (checkpoint field ``field``) is
+    not finite weights that fit ``model``."""
+    saved = tensor_dict(saved, field, finite=True)
     mine = model.state_dict()
     missing = sorted(set(mine) - set(saved))
     extra = sorted(set(saved) - set(mine))
@@ -99,6 +164,6 @@ def check_model(saved: dict[str, torch.Tensor], model: torch.nn.Module, path: Op
     if missing or extra or shapes:
         where = f" in {path}" if path is not None else ""
         raise CheckpointError(
-            f"the checkpoint{where} does not fit this model: missing {missing}, unexpected {extra}, "
+            f"the checkpoint{where} does not fit this model ({field}): missing {missing}, unexpected {extra}, "
             f"shape mismatches {shapes}"
         )

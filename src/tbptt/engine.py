@@ -20,7 +20,7 @@ With k1 >= k2 no window reaches into an earlier block and the two strategies are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from .contract import LossFn, call_model, masked_sum, step_losses
 from .schedule import TBPTT, Update
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
+from .saved import CheckpointError
 from .stream_state import StreamState
 from .validate import one_of
 
@@ -106,6 +107,12 @@ class StreamEngine:
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
 
     @property
+    def overlapping(self) -> bool:
+        """Whether activations are kept across updates (``stored`` with windows reaching into
+        earlier blocks)."""
+        return self._overlapping
+
+    @property
     def state(self) -> st.State:
         """The carried state at the start of the open block (detached)."""
         return self._states[self.previous]
@@ -125,15 +132,19 @@ class StreamEngine:
             self.forward_steps, self.backward_steps, snapshots, segments,
         ).to_dict()
 
-    def load_state_dict(self, saved: dict) -> None:
-        """Continue the streams saved by ``state_dict``."""
+    def load_state_dict(self, saved: Any) -> None:
+        """Continue the streams saved by ``state_dict``, every field checked first: a missing,
+        mistyped or impossible one, or streams of another schedule or strategy, is a
+        ``CheckpointError`` naming it, and the engine is left as it was."""
+        streams = StreamState.from_dict(saved)
         for key, mine in (("schedule", str(self.schedule)), ("strategy", self.strategy)):
-            if saved.get(key) != mine:
-                raise ValueError(
-                    f"the saved streams were run with {key} {saved.get(key)!r}, this engine uses "
+            if getattr(streams, key) != mine:
+                raise CheckpointError(
+                    f"the saved streams were run with {key} {getattr(streams, key)!r}, this engine uses "
                     f"{mine!r}; resume with the same {key}"
                 )
-        streams = StreamState.from_dict(saved)
+        streams.check_resumable(self.schedule, self._overlapping,
+                                {n: tuple(p.shape) for n, p in self.named_parameters()})
         self.reset()
         self.position, self.previous = streams.position, streams.previous
         self._states = dict(streams.states)
@@ -141,10 +152,14 @@ class StreamEngine:
             self._steps.append(chunk)
         self._batch_size, self._state_shapes = streams.batch_size, streams.state_shapes
         snapshots = [{n: w.clone().requires_grad_(True) for n, w in snap.items()} for snap in streams.snapshots]
-        with torch.enable_grad():
-            for seg in streams.segments:
-                self._segments.append(self._run_segment(seg.start, seg.stop, seg.in_state,
-                                                        snapshots[seg.weights], seg.random))
+        try:
+            with torch.enable_grad():
+                for seg in streams.segments:
+                    self._segments.append(self._run_segment(seg.start, seg.stop, seg.in_state,
+                                                            snapshots[seg.weights], seg.random))
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            self.reset()
+            raise CheckpointError(f"checkpoint field engine.segments could not be run again: {exc}") from exc
         # rebuilding is not new work
         self.forward_steps, self.backward_steps = streams.forward_steps, streams.backward_steps
 

@@ -1,7 +1,8 @@
 """The trainer: applies each TBPTT update of the engine with an optimizer.
 
-``train_on`` continues one stream per batch row across calls; every update is checked for a finite
-loss and gradient before it reaches the weights.
+``train_on`` continues one stream per batch row across calls. Every update is checked, with one
+host sync, for a finite loss, gradient and updated weights; a step that fails the check is undone
+(weights and optimizer state as before it) and recorded as skipped, or raises.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from . import checkpoint
 from . import state as st
 from .checkpointing import Segments
 from .contract import LossFn
+from .data.streams import Split
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError, check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
+from .safestep import StepUndo, check_optimizer, load_optimizer
+from .saved import Fields
 from .schedule import TBPTT
 from .validate import one_of, positive_number
 
@@ -28,13 +32,15 @@ NonFinite = Literal["skip", "raise"]
 _CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs the checks on
 
 
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together (0 if there are none)."""
+def total_norm(grads: list[torch.Tensor], order: float = 2.0) -> torch.Tensor:
+    """The ``order``-norm of all tensors together (0 if there are none); ``math.inf``: the largest
+    magnitude, non-finite exactly when some element is (no overflow, NaN kept)."""
     if not grads:
         return torch.zeros(())
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused (foreach) pass
-        return torch.nn.utils.get_total_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    with torch.no_grad():
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused (foreach) pass
+            return torch.nn.utils.get_total_norm(grads, order)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float(), order) for g in grads]), order)
 
 
 class Trainer:
@@ -46,9 +52,10 @@ class Trainer:
     - ``strategy``: ``"recompute"`` (exact gradient at the current weights) or ``"stored"``
       (Williams & Peng: activations kept as first computed); identical when k1 >= k2.
     - ``clip_grad_norm``: clip each update's gradient to this 2-norm.
-    - ``nonfinite``: ``"skip"`` an update whose loss or gradient is not finite (it is recorded
-      with ``skipped=True``), or ``"raise"`` a ``NonFiniteError`` naming the stream step. Either
-      way the weights never see it.
+    - ``nonfinite``: ``"skip"`` an update whose loss or gradient is not finite, or whose optimizer
+      step leaves a weight non-finite (the step is undone: weights and optimizer state as before
+      it; the update is recorded with ``skipped=True`` and the reason), or ``"raise"`` a
+      ``NonFiniteError`` naming the stream step. Either way the weights never keep it.
     - ``reset_fn(state, rows)``: how a row's state is reset where a sequence starts (default:
       zeros, for any nesting; nn.RNN/GRU/LSTM states handled by their batch dimension 1).
     - ``checkpoint_segments``: cut each recomputed window into this many segments (or
@@ -80,6 +87,8 @@ class Trainer:
         one_of(nonfinite, "nonfinite", ("skip", "raise"))
         one_of(check_model, "check_model", (False, True))
         self.engine = StreamEngine(model, loss_fn, schedule, strategy, reset_fn, checkpoint_segments)
+        check_optimizer(optimizer, model)
+        self._undo = StepUndo(optimizer)
         self._check_pending = bool(check_model)
         self.model = model
         self.optimizer = optimizer
@@ -157,13 +166,18 @@ class Trainer:
             "trainer": {"updates_applied": self.updates_applied, "updates_skipped": self.updates_skipped},
         }
 
-    def load_state_dict(self, saved: dict) -> None:
-        """Continue from ``state_dict()``: the same schedule and strategy are required."""
+    def load_state_dict(self, saved: Any) -> None:
+        """Continue from ``state_dict()``: the same schedule and strategy are required. Every field
+        is checked (a ``CheckpointError`` naming a missing, mistyped or impossible one) before the
+        model changes."""
+        f = Fields(saved, "")
+        checkpoint.check_model(f.raw("model"), self.model)
+        counters = Fields(f.raw("trainer"), "trainer")
+        applied, skipped = counters.int("updates_applied"), counters.int("updates_skipped")
+        self.engine.load_state_dict(f.raw("engine"))
+        load_optimizer(self.optimizer, f.raw("optimizer"))
         self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.engine.load_state_dict(saved["engine"])
-        self.updates_applied = saved["trainer"]["updates_applied"]
-        self.updates_skipped = saved["trainer"]["updates_skipped"]
+        self.updates_applied, self.updates_skipped = applied, skipped
 
     def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> History:
         """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
@@ -183,6 +197,16 @@ class Trainer:
     def evaluate(self, data: Any, metric: Optional[Callable] = None, segment_length: Optional[int] = None) -> dict:
         """Loss and metric on a split from fresh states, without gradient; training streams untouched."""
         return evaluate(self, data, metric, segment_length)
+
+    def data_fingerprint(self, split: Split) -> dict:
+        """What identifies the training data (``Split.fingerprint``), saved in ``fit``'s checkpoints
+        so that a resume on other data is refused; data-parallel training fingerprints all ranks'
+        rows together."""
+        return split.fingerprint()
+
+    def after_update(self, record: UpdateRecord) -> None:
+        """Called after every update, applied or skipped; data-parallel training checks there, every
+        few updates, that the ranks' weights have not drifted apart."""
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Whether training stops, given this process's wish; data-parallel training overrides it so
@@ -221,35 +245,70 @@ class Trainer:
         return result
 
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
+        """Step the optimizer on the update's gradient and check, with one host sync, that the loss,
+        the gradient and the weights after the step are finite (and that some step was valid); if
+        not, the step is undone and the update skipped (or, under ``nonfinite="raise"``, raised)."""
         result = self.reduce(result)
         named = self.engine.named_parameters()
-        grads = [result.grads[n] for n, _ in named if result.grads[n] is not None]
-        norm = total_norm(grads).to(result.loss.device)
-        loss_value, norm_value, valid = torch.stack(
-            [result.loss.float(), norm.float(), result.valid_steps.float().to(result.loss.device)]
+        params = [p for _, p in named]
+        device = result.loss.device
+        norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
+        self._undo.save(params)
+        overflow = self._step(named, result.grads, norm)
+        weights = torch.isfinite(total_norm(params, math.inf)).to(device)
+        # the one host sync of an update
+        loss_value, norm_value, valid, finite = torch.stack(
+            [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
         ).tolist()
+        reason = _refusal(loss_value, norm_value, valid, finite == 1.0, overflow)
         u = result.update
-        reason = ""
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}"
-            if self.nonfinite == "raise":
-                raise NonFiniteError(
-                    f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss "
-                    f"{loss_value}, gradient norm {norm_value}; the weights were not changed"
-                )
-        elif valid == 0:
-            reason = "no valid steps"
         if reason:
+            self._undo.restore()
+            if self.nonfinite == "raise" and reason != "no valid steps":
+                raise NonFiniteError(
+                    f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss {loss_value}, gradient "
+                    f"norm {norm_value}; the step was undone: the weights and the optimizer's state are as before it"
+                )
             self.updates_skipped += 1
-            return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
-                                time.perf_counter() - started, True, reason)
-        scale = 1.0
+            record = UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
+                                  time.perf_counter() - started, True, reason)
+        else:
+            self.updates_applied += 1
+            record = UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)
+        self.after_update(record)
+        return record
+
+    def _step(self, named: list[tuple[str, nn.Parameter]], grads: dict, norm: torch.Tensor) -> str:
+        """One optimizer step on ``grads`` (clipped to ``clip_grad_norm``, without a host sync); the
+        message of an overflow the step raised, else ""."""
+        scale = None
         if self.clip_grad_norm is not None:
-            scale = min(1.0, self.clip_grad_norm / (norm_value + 1e-6))
+            scale = (self.clip_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0)
         for name, p in named:
-            g = result.grads[name]
-            p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.updates_applied += 1
-        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)
+            g = grads[name]
+            p.grad = None if g is None else (g if scale is None else g * scale).to(p.dtype)
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                self._undo.restore()
+                raise
+            return str(exc)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        return ""
+
+
+def _refusal(loss: float, norm: float, valid: float, finite_weights: bool, overflow: str) -> str:
+    """Why an update's step may not stand ("" if it may)."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if not math.isfinite(norm):
+        return "non-finite gradient"
+    if valid == 0:
+        return "no valid steps"
+    if overflow:
+        return f"non-finite weights: the optimizer step overflowed ({overflow})"
+    if not finite_weights:
+        return "non-finite weights after the optimizer step"
+    return ""

@@ -68,8 +68,11 @@ def flag_error(exc: Exception, parser: argparse.ArgumentParser | None = None) ->
 def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -> None:
     """One red line on standard error: what is wrong, in flags."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {flag_error(exc, parser)}", markup=True, highlight=False)
+    # escaped: messages quote paths and torch's own errors, whose [brackets] are not markup
+    Console(stderr=True).print(f"[red]error:[/red] {escape(str(flag_error(exc, parser)))}", markup=True,
+                               highlight=False)
 
 
 def task_options(name: str, items: list[str]) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def report(console: Any, task: Any, history: Any, test_metric: float, world: int
     console.print(f"test {name}: {test_metric:.4g}, {verdict} the baseline ({task.baseline_name}): {baseline:.4g}")
     if history.stopped_by:
         console.print(f"stopped by {history.stopped_by}")
-    seconds = sum(r.wall_time for r in history.updates)
+    seconds, updates = history.totals.wall_time, history.totals.updates
     if seconds > 0:
-        console.print(f"{len(history.updates)} updates in {seconds:.2f} s of training: "
-                      f"{len(history.updates) / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")
+        console.print(f"{updates} updates in {seconds:.2f} s of training: "
+                      f"{updates / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")

@@ -1,0 +1,143 @@
+"""An optimizer step that can be taken back, and the checks that an optimizer can train the model.
+
+``StepUndo`` copies the weights and the optimizer's state before a step (one fused copy) and puts
+them back if the step is refused, so a step that leaves a weight non-finite leaves no trace: the
+weights and every moment, step count and buffer of the optimizer are as before it.
+``check_optimizer`` refuses, before any work, an optimizer that would train nothing or only part
+of the model, or whose hyper-parameters the weights' dtype cannot hold (``lr=1e308`` for float32).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .saved import CheckpointError, Fields, integer
+from .validate import InvalidArgument
+
+
+def _numbers(value: Any) -> Iterable[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return [float(value)]
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Raise an ``InvalidArgument`` naming the problem unless ``optimizer`` holds every trainable
+    parameter of ``model`` and its numeric hyper-parameters are finite and within the range of the
+    weights' dtype."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if id(p) not in held]
+    if trainable and len(missing) == len(trainable):
+        raise InvalidArgument(
+            "optimizer", type(optimizer).__name__, "an optimizer over the model's parameters",
+            "it holds none of them, so training would change nothing: build it from model.parameters() "
+            "(of this model, after moving it to its device and dtype)")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InvalidArgument(
+            "optimizer", type(optimizer).__name__, "an optimizer over all the model's trainable parameters",
+            f"it does not hold {shown}, which would never change; add them, or freeze them with "
+            "requires_grad_(False)")
+    for index, group in enumerate(optimizer.param_groups):
+        dtypes = {p.dtype for p in group["params"] if p.is_floating_point()}
+        largest = min((torch.finfo(d).max for d in dtypes), default=math.inf)
+        for key, value in group.items():
+            if key == "params":
+                continue
+            for number in _numbers(value):
+                if not math.isfinite(number) or abs(number) > largest:
+                    kind = "/".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+                    raise InvalidArgument(
+                        key, value, f"a finite number that {kind} weights can hold (|{key}| <= {largest:.3g})",
+                        f"in param group {index} of the optimizer; a step of that size overflows the weights")
+
+
+class StepUndo:
+    """The weights and the optimizer's state as they were before a step, to put back if the step is
+    refused (``save`` before it, ``restore`` after it)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._entries: dict[Any, dict] = {}
+        self._tensors: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
+
+    def save(self, params: list[nn.Parameter]) -> None:
+        """Copy the weights ``params`` and the optimizer's state (one fused copy into buffers kept
+        between steps; the buffers are made again when the state's tensors change)."""
+        state = self.optimizer.state
+        self._entries = {p: dict(state[p]) for group in self.optimizer.param_groups
+                         for p in group["params"] if p in state}
+        tensors = list(params) + [v for entry in self._entries.values() for v in entry.values()
+                                       if isinstance(v, torch.Tensor)]
+        same = len(tensors) == len(self._tensors) and all(
+            a is b for a, b in zip(tensors, self._tensors))
+        if not same:
+            self._tensors = tensors
+            self._copies = [t.detach().clone() for t in tensors]
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self._copies, [t.detach() for t in tensors])
+
+    def restore(self) -> None:
+        """Put back the weights and the optimizer's state copied by the last ``save``."""
+        state = self.optimizer.state
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in self._entries:
+                    state[p] = dict(self._entries[p])
+                elif p in state:
+                    del state[p]
+        with torch.no_grad():
+            torch._foreach_copy_([t.detach() for t in self._tensors], self._copies)
+
+
+_PARAMETER_SHAPED = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta",
+                     "Rprop", "ASGD")
+"""torch.optim's optimizers whose state tensors are scalars or of their parameter's shape."""
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """``optimizer.load_state_dict(saved)`` once the saved state is checked against the optimizer's
+    groups and parameters (``CheckpointError`` naming the field)."""
+    f = Fields(saved, "optimizer")
+    groups, states = f.list("param_groups"), f.dict("state")
+    mine = optimizer.param_groups
+    if len(groups) != len(mine):
+        raise CheckpointError(f"checkpoint field optimizer.param_groups holds {len(groups)} groups; this optimizer "
+                              f"has {len(mine)}")
+    params: dict[int, torch.Tensor] = {}
+    for i, (group, own) in enumerate(zip(groups, mine)):
+        g = Fields(group, f"optimizer.param_groups[{i}]")
+        ids = g.list("params")
+        if len(ids) != len(own["params"]):
+            raise CheckpointError(f"checkpoint field {g.path('params')} holds {len(ids)} parameters; this "
+                                  f"optimizer's group {i} has {len(own['params'])}")
+        for j, (k, p) in enumerate(zip(ids, own["params"])):
+            params[integer(k, f"{g.path('params')}[{j}]")] = p
+    for key, entry in states.items():
+        if key not in params:
+            raise CheckpointError(f"checkpoint field optimizer.state holds parameter {key!r}, which no group lists")
+        for name, value in Fields(entry, f"optimizer.state[{key}]").saved.items():
+            where = f"optimizer.state[{key}][{name!r}]"
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(params[key].shape) \
+                    and (type(optimizer).__name__ in _PARAMETER_SHAPED or value.numel() == params[key].numel()):
+                raise CheckpointError(f"checkpoint field {where} has shape {tuple(value.shape)}; its parameter has "
+                                      f"{tuple(params[key].shape)}")
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"checkpoint field {where} holds non-finite values")
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint field optimizer does not fit this optimizer: {exc!r}") from exc
