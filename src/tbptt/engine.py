@@ -27,7 +27,7 @@ from torch import nn
 
 from . import state as st
 from .checkpointing import Segments, check_segments, checkpointed_call, segment_cuts
-from .contract import LossFn, call_model, masked_sum, step_losses
+from .contract import LossFn, call_model, check_state_rows, masked_sum, require_gradient, step_losses
 from .schedule import TBPTT, Update
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
@@ -257,6 +257,7 @@ class StreamEngine:
         outputs, new_state = call_model(self.model, inputs, state, weights)
         shapes = st.shapes(new_state)
         if self._state_shapes is None:
+            check_state_rows(self.model, new_state, inputs.shape[0])
             self._state_shapes = shapes
         elif shapes != self._state_shapes:
             raise ValueError(
@@ -316,6 +317,7 @@ class StreamEngine:
         total, count = masked_sum(losses, errors.mask)
         loss = total / count.clamp_min(1)
         named = self.named_parameters()
+        require_gradient(loss, outputs, len(named))
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
 
@@ -359,6 +361,8 @@ class StreamEngine:
         window = [s for s in self._segments if s.start >= update.start]
         if not window or window[0].start != update.start:
             raise RuntimeError(f"internal: no stored segment starts at window start {update.start}")
+        if not any(s.step_losses.requires_grad for s in window):
+            require_gradient(window[-1].step_losses, None, len(named))
         loss, count, grads = window_gradient(window, update.loss_start, [n for n, _ in named])
         return UpdateResult(update, loss.detach(), grads, count)
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..files import atomic_write_figure
 from .summary import Row, Run, group_runs, label
 
 _SIZE = (7.0, 4.2)
@@ -47,8 +48,7 @@ def _finish(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return atomic_write_figure(path, fig)
 
 
 def _reduce(array: np.ndarray, fn=np.nanmean) -> np.ndarray:
