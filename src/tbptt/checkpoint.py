@@ -23,7 +23,7 @@ import torch
 
 from .files import PathLike, atomic_write
 from .saved import CheckpointError as CheckpointError
-from .saved import tensor_dict
+from .saved import Fields, bad, tensor, tensor_dict
 
 FORMAT = "tbptt-checkpoint"
 VERSION = 2
@@ -40,18 +40,27 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
+def check_rng_state(saved: Any) -> None:
+    """Raise a ``CheckpointError`` naming the field unless ``saved`` is what ``rng_state()`` returns."""
+    f = Fields(saved, "rng")
+    state = f.tensor("torch", torch.uint8)
+    if tuple(state.shape) != tuple(torch.get_rng_state().shape):
+        raise bad("rng.torch", f"a torch generator state of {torch.get_rng_state().numel()} bytes", state)
+    python = f.raw("python")
+    try:
+        random.Random().setstate(python)
+    except (TypeError, ValueError) as exc:
+        raise bad("rng.python", "a Python generator state (random.getstate())", python) from exc
+    if "cuda" in saved:
+        for i, t in enumerate(f.list("cuda")):
+            tensor(t, f"rng.cuda[{i}]", torch.uint8)
+
+
 def set_rng_state(saved: Any) -> None:
-    """Restore ``rng_state()``; a ``CheckpointError`` naming the field if it is not one."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("torch"), torch.Tensor):
-        raise CheckpointError(f"checkpoint field rng must hold the generators' states; got {type(saved).__name__}")
-    try:
-        torch.set_rng_state(saved["torch"])
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint field rng.torch is not a torch generator state: {exc}") from exc
-    try:
-        random.setstate(saved["python"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint field rng.python is not a Python generator state: {exc!r}") from exc
+    """Restore ``rng_state()``, once checked (``check_rng_state``)."""
+    check_rng_state(saved)
+    torch.set_rng_state(saved["torch"])
+    random.setstate(saved["python"])
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
 

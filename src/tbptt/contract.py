@@ -126,6 +126,8 @@ def step_losses(
             f"loss_fn(outputs, targets) must return per-step losses [B, T] = {expected}; got {got}. "
             "Use reduction='none' and average over any feature dimensions"
         )
+    if outputs.requires_grad and not losses.requires_grad:
+        require_gradient(losses, outputs, 1)
     return losses
 
 

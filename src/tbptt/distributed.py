@@ -302,7 +302,7 @@ class DistributedTrainer(Trainer):
         for i, group in enumerate(self.optimizer.param_groups):
             facts[f"optimizer group {i} parameters"] = len(group["params"])
             for key, value in sorted((k, v) for k, v in group.items() if k != "params"):
-                facts[f"optimizer group {i} {key}"] = repr(value.tolist() if isinstance(value, torch.Tensor) else value)
+                facts[f"optimizer group {i} {key}"] = value.tolist() if isinstance(value, torch.Tensor) else value
         facts.update({"clip_grad_norm": self.clip_grad_norm, "schedule": str(self.schedule),
                       "errors": self.schedule.errors, "strategy": self.strategy, "nonfinite": self.nonfinite,
                       "checkpoint_segments": self.engine.checkpoint_segments, "check_every": self.check_every})

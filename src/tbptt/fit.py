@@ -25,7 +25,7 @@ from .engine import StreamEngine
 from .files import PathLike, check_writable
 from .memory import check_graph_memory
 from .records import History, UpdateRecord, UpdateStats
-from .saved import CheckpointError, Fields, tensor_dict
+from .saved import CheckpointError, Fields
 from .validate import InvalidArgument, non_negative_number, one_of, positive_int
 
 
@@ -248,6 +248,7 @@ class FitLoop:
             raise CheckpointError(f"{path}: {exc}") from exc
 
     def _load(self, saved: Any) -> None:
+        """Check every part of ``saved``, then load them all: a refused checkpoint changes nothing."""
         o, trainer = self.options, self.trainer
         f = Fields(saved, "")
         ckpt.check_model(f.raw("model"), trainer.model)
@@ -260,18 +261,22 @@ class FitLoop:
         if progress.data != self.progress.data and not o.allow_data_change:
             raise CheckpointError(_other_data(progress.data, self.progress.data))
         progress.data = self.progress.data
-        trainer.load_state_dict(saved)
-        scheduler = f.dict("scheduler", none=True)
-        if o.scheduler is not None and scheduler is not None:
-            _load_scheduler(o.scheduler, scheduler)
-        self.history.load_state_dict(f.raw("history"))
-        self.history.epochs = [e for e in self.history.epochs if not e.get("partial")]  # that epoch goes on now
-        self.history.stopped_by = ""
+        history = History(records=self.history.records)
+        history.load_state_dict(f.raw("history"))
         best = f.raw("best_weights")
         if best is not None:
             ckpt.check_model(best, trainer.model, field="best_weights")
-        self.progress, self.best_weights = progress, best
-        ckpt.set_rng_state(f.raw("rng"))
+        scheduler = f.dict("scheduler", none=True)
+        if o.scheduler is not None and scheduler is not None:
+            _check_scheduler(o.scheduler, scheduler)
+        ckpt.check_rng_state(f.raw("rng"))
+        trainer.load_state_dict(saved)
+        if o.scheduler is not None and scheduler is not None:
+            o.scheduler.load_state_dict(scheduler)
+        history.epochs = [e for e in history.epochs if not e.get("partial")]  # that epoch goes on now
+        history.stopped_by = ""
+        self.history, self.progress, self.best_weights = history, progress, best
+        ckpt.set_rng_state(saved["rng"])
 
     def _save(self) -> bool:
         """Write the checkpoint; False (and nothing written) if the weights are not finite."""
@@ -433,8 +438,8 @@ def _other_data(saved: Optional[dict], mine: Optional[dict]) -> str:
             "data, or pass allow_data_change=True (tbptt train: --allow-data-change) to go on with these")
 
 
-def _load_scheduler(scheduler: Any, saved: dict) -> None:
-    """Load a scheduler's saved state once it has the scheduler's own fields, of the same kinds."""
+def _check_scheduler(scheduler: Any, saved: dict) -> None:
+    """Raise a ``CheckpointError`` unless a scheduler's saved state has its own fields, of their kinds."""
     mine = scheduler.state_dict()
     for key, value in mine.items():
         if key not in saved:
@@ -446,7 +451,6 @@ def _load_scheduler(scheduler: Any, saved: dict) -> None:
             type(theirs) is type(value)) or value is None or theirs is None
         if not same or (isinstance(value, (list, tuple)) and len(theirs) != len(value)):
             raise CheckpointError(f"checkpoint field scheduler.{key} must be like {value!r}; got {theirs!r}")
-    scheduler.load_state_dict(saved)
 
 
 def fit(trainer: FitTrainer, train: Any, valid: Any = None, **options: Any) -> History:

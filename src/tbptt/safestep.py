@@ -108,9 +108,9 @@ _PARAMETER_SHAPED = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSpro
 """torch.optim's optimizers whose state tensors are scalars or of their parameter's shape."""
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:
-    """``optimizer.load_state_dict(saved)`` once the saved state is checked against the optimizer's
-    groups and parameters (``CheckpointError`` naming the field)."""
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Raise a ``CheckpointError`` naming the field unless ``saved`` is a state of ``optimizer``: its
+    groups and parameters, finite state tensors of their parameters' shapes."""
     f = Fields(saved, "optimizer")
     groups, states = f.list("param_groups"), f.dict("state")
     mine = optimizer.param_groups
@@ -137,6 +137,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:
                                       f"{tuple(params[key].shape)}")
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"checkpoint field {where} holds non-finite values")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """``optimizer.load_state_dict(saved)`` of a state ``check_optimizer_state`` passed."""
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:

@@ -23,7 +23,7 @@ from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError, check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
-from .safestep import StepUndo, check_optimizer, load_optimizer
+from .safestep import StepUndo, check_optimizer, check_optimizer_state, load_optimizer
 from .saved import Fields
 from .schedule import TBPTT
 from .validate import one_of, positive_number
@@ -174,6 +174,7 @@ class Trainer:
         checkpoint.check_model(f.raw("model"), self.model)
         counters = Fields(f.raw("trainer"), "trainer")
         applied, skipped = counters.int("updates_applied"), counters.int("updates_skipped")
+        check_optimizer_state(self.optimizer, f.raw("optimizer"))
         self.engine.load_state_dict(f.raw("engine"))
         load_optimizer(self.optimizer, f.raw("optimizer"))
         self.model.load_state_dict(saved["model"])
