@@ -3,15 +3,16 @@ streams.
 
 A checkpoint is written to a temporary file beside its target and renamed over it, so a crash
 during a save leaves the previous checkpoint whole. Non-finite weights are never saved. The file is
-``MAGIC``, the ``torch.save`` archive, and a trailer with the archive's length and SHA-256, checked
-on every load: a flipped bit, a truncated copy or a file that is not a checkpoint is a
-``CheckpointError``, never a silently different run.
+the ``torch.save`` archive followed by a trailer, ``TBPTT-CHECKPOINT 2 sha256 <digest> <length>``,
+checked on every load before anything is read from the archive: a flipped bit, a truncated or
+padded copy or a file that is not a checkpoint is a ``CheckpointError``, never a silently
+different run. (``torch.load`` itself reads the file too; it ignores the trailer.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import os
 import pickle
 import random
 import re
@@ -27,9 +28,9 @@ from .saved import Fields, bad, tensor, tensor_dict
 
 FORMAT = "tbptt-checkpoint"
 VERSION = 2
-MAGIC = b"TBPTT-CHECKPOINT\n"
-_TRAILER = re.compile(rb"\nsha256 ([0-9a-f]{64}) ([0-9]{20})\n\Z")
-_TRAILER_SIZE = 94
+_TRAILER = re.compile(rb"\nTBPTT-CHECKPOINT 2 sha256 ([0-9a-f]{64}) ([0-9]{20})\n\Z")
+_TRAILER_SIZE = len(b"\nTBPTT-CHECKPOINT 2 sha256 %s %020d\n" % (b"0" * 64, 0))
+_CHUNK = 1 << 22  # bytes hashed at a time when verifying
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,10 +93,9 @@ class _Hashing:
 
 
 def _write(payload: dict[str, Any], f: IO[bytes]) -> None:
-    f.write(MAGIC)
     body = _Hashing(f)
     torch.save({"format": FORMAT, "version": VERSION, **payload}, body)
-    f.write(b"\nsha256 %s %020d\n" % (body.hash.hexdigest().encode(), body.size))
+    f.write(b"\nTBPTT-CHECKPOINT 2 sha256 %s %020d\n" % (body.hash.hexdigest().encode(), body.size))
 
 
 def save(payload: dict[str, Any], path: PathLike) -> Path:
@@ -106,30 +106,36 @@ def save(payload: dict[str, Any], path: PathLike) -> Path:
     return atomic_write(path, lambda f: _write(payload, f))
 
 
-def _verified(path: Path) -> bytes:
-    """The archive inside the file at ``path``, once its length and hash are checked."""
-    corrupt = "; resume from an earlier checkpoint or start afresh"
-    with open(path, "rb") as f:
-        head = f.read(len(MAGIC))
-        if head != MAGIC:
-            if head.startswith(b"PK\x03\x04"):
-                raise CheckpointError(f"{path} is a plain torch.save archive, not a tbptt checkpoint of version "
-                                      f"{VERSION} (those of earlier versions had no content hash and are not read)")
-            raise CheckpointError(f"{path} is not a readable checkpoint (it does not start as one); it may be "
-                                  f"truncated or corrupt{corrupt}")
-        body = f.read()
-    trailer = _TRAILER.search(body[-_TRAILER_SIZE:])
-    if trailer is None or len(body) < _TRAILER_SIZE:
+def _verify(path: Path, f: IO[bytes]) -> None:
+    """Check the archive in the open file ``f`` against its trailer (length and SHA-256)."""
+    again = "; resume from an earlier checkpoint or start afresh"
+    size = os.fstat(f.fileno()).st_size
+    f.seek(max(0, size - _TRAILER_SIZE))
+    trailer = _TRAILER.search(f.read(_TRAILER_SIZE))
+    if trailer is None:
+        f.seek(0)
+        if f.read(4) == b"PK\x03\x04":
+            raise CheckpointError(f"{path} is a torch.save archive without a tbptt {VERSION} trailer: not a tbptt "
+                                  "checkpoint, one of an earlier version (without a content hash; not read), or one "
+                                  f"truncated or corrupt at its end{again}")
         raise CheckpointError(f"{path} is not a readable checkpoint (its trailer is missing or damaged); it may be "
-                              f"truncated or corrupt{corrupt}")
-    archive = body[:-_TRAILER_SIZE]
-    if len(archive) != int(trailer.group(2)):
-        raise CheckpointError(f"{path} is corrupt: it holds {len(archive)} bytes where {int(trailer.group(2))} were "
-                              f"written (truncated or padded){corrupt}")
-    if hashlib.sha256(archive).hexdigest().encode() != trailer.group(1):
+                              f"truncated or corrupt{again}")
+    length = int(trailer.group(2))
+    if length != size - _TRAILER_SIZE:
+        raise CheckpointError(f"{path} is corrupt: it holds {size - _TRAILER_SIZE} bytes where {length} were written "
+                              f"(truncated or padded){again}")
+    digest = hashlib.sha256()
+    f.seek(0)
+    while length > 0:
+        chunk = f.read(min(_CHUNK, length))
+        if not chunk:
+            break
+        digest.update(chunk)
+        length -= len(chunk)
+    if digest.hexdigest().encode() != trailer.group(1):
         raise CheckpointError(f"{path} is corrupt: its content does not match the SHA-256 written with it (a "
-                              f"changed byte: bit rot, a bad copy or an edit){corrupt}")
-    return archive
+                              f"changed byte: bit rot, a bad copy or an edit){again}")
+    f.seek(0)
 
 
 def load(path: PathLike) -> dict[str, Any]:
@@ -140,9 +146,20 @@ def load(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint")
-    archive = _verified(path)
+    with open(path, "rb") as f:  # verified and read through one open file: a rename meanwhile changes nothing
+        _verify(path, f)
+        data = _read(path, f)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a tbptt checkpoint (no '{FORMAT}' tag)")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {data.get('version')}; this tbptt reads {VERSION}")
+    return data
+
+
+def _read(path: Path, f: IO[bytes]) -> Any:
+    """The archive's content, read safely (``weights_only``: no code runs from a checkpoint)."""
     try:
-        data = torch.load(io.BytesIO(archive), map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), None)
         if refused is None:
@@ -154,11 +171,6 @@ def load(path: PathLike) -> dict[str, Any]:
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tbptt checkpoint (no '{FORMAT}' tag)")
-    if data.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {data.get('version')}; this tbptt reads {VERSION}")
-    return data
 
 
 def check_model(saved: Any, model: torch.nn.Module, path: Optional[PathLike] = None, field: str = "model") -> None:

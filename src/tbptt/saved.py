@@ -126,6 +126,29 @@ def tensor_dict(value: Any, where: str, finite: bool = False) -> dict[str, torch
     return dict(value)
 
 
+def like(value: Any, model: Any, where: str) -> Any:
+    """``value`` if it is of the kind of ``model`` (the value the reader has now): a bool for a bool,
+    a number for a number (finite when the model is), a string for a string, a list or tuple of as
+    many items each of its kind, None or a bool where the model is None (an option left to its
+    default); other kinds pass."""
+    if isinstance(model, bool) or model is None:
+        if not (isinstance(value, bool) or (model is None and value is None)):
+            raise bad(where, "True or False" + (" or None" if model is None else ""), value)
+    elif isinstance(model, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or (
+                math.isfinite(model) and not math.isfinite(value)):
+            raise bad(where, "a " + ("finite " if math.isfinite(model) else "") + "number", value)
+    elif isinstance(model, str):
+        if not isinstance(value, str):
+            raise bad(where, "a string", value)
+    elif isinstance(model, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(model):
+            raise bad(where, f"a list of {len(model)} items", value)
+        for i, (v, m) in enumerate(zip(value, model)):
+            like(v, m, f"{where}[{i}]")
+    return value
+
+
 def nesting(value: Any, where: str) -> Any:
     """``value`` if it is a recurrent state: None, a tensor, a number or any nesting of tuples, lists
     and dicts of them."""

@@ -23,24 +23,21 @@ from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError, check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
-from .safestep import StepUndo, check_optimizer, check_optimizer_state, load_optimizer
+from .safestep import (
+    StepUndo,
+    all_finite,
+    check_optimizer,
+    check_optimizer_state,
+    finite_weights,
+    load_optimizer,
+    total_norm as total_norm,
+)
 from .saved import Fields
 from .schedule import TBPTT
 from .validate import one_of, positive_number
 
 NonFinite = Literal["skip", "raise"]
 _CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs the checks on
-
-
-def total_norm(grads: list[torch.Tensor], order: float = 2.0) -> torch.Tensor:
-    """The ``order``-norm of all tensors together (0 if there are none); ``math.inf``: the largest
-    magnitude, non-finite exactly when some element is (no overflow, NaN kept)."""
-    if not grads:
-        return torch.zeros(())
-    with torch.no_grad():
-        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused (foreach) pass
-            return torch.nn.utils.get_total_norm(grads, order)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float(), order) for g in grads]), order)
 
 
 class Trainer:
@@ -256,12 +253,12 @@ class Trainer:
         norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
         self._undo.save(params)
         overflow = self._step(named, result.grads, norm)
-        weights = torch.isfinite(total_norm(params, math.inf)).to(device)
-        # the one host sync of an update
+        weights = finite_weights(params).to(device)
+        # the one host sync of an update (a second only when the weights' sum is not finite)
         loss_value, norm_value, valid, finite = torch.stack(
             [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
         ).tolist()
-        reason = _refusal(loss_value, norm_value, valid, finite == 1.0, overflow)
+        reason = _refusal(loss_value, norm_value, valid, finite == 1.0 or all_finite(params), overflow)
         u = result.update
         if reason:
             self._undo.restore()
@@ -282,12 +279,12 @@ class Trainer:
     def _step(self, named: list[tuple[str, nn.Parameter]], grads: dict, norm: torch.Tensor) -> str:
         """One optimizer step on ``grads`` (clipped to ``clip_grad_norm``, without a host sync); the
         message of an overflow the step raised, else ""."""
-        scale = None
-        if self.clip_grad_norm is not None:
-            scale = (self.clip_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0)
+        present = [g for name, _ in named if (g := grads[name]) is not None]
+        if self.clip_grad_norm is not None and present:
+            torch._foreach_mul_(present, (self.clip_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0))
         for name, p in named:
             g = grads[name]
-            p.grad = None if g is None else (g if scale is None else g * scale).to(p.dtype)
+            p.grad = None if g is None else g.to(p.dtype)
         try:
             self.optimizer.step()
         except RuntimeError as exc:
