@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _models import make_data, make_model, mse_steps
 
 import tbptt
 from tbptt import distributed as tdist
 from tbptt.engine import StreamEngine
-from _models import make_data, make_model, mse_steps
 
 CONFIGS = [(4, 4, "recompute"), (4, 4, "stored"), (3, 8, "recompute"), (3, 8, "stored")]
 ROWS, STEPS, WORLD = 4, 26, 2

@@ -10,12 +10,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as hs
+from _models import oracle_updates
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from tbptt import TBPTT
 from tbptt.diagnostics import grad_norm_summary, roughness
-from tbptt.experiments import plots, report, runs as runs_module, summary, sweep, timeline
-from _models import oracle_updates
+from tbptt.experiments import plots, report, summary, sweep, timeline
+from tbptt.experiments import runs as runs_module
 
 GLYPH_KIND = {"·": timeline.OUTSIDE, "─": timeline.ADVANCE, "░": timeline.WINDOW, "█": timeline.ERROR}
 

@@ -21,7 +21,7 @@ from .distributed import DistributedError, DistributedTrainer, init_from_env
 from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
-from .models import RecurrentNet
+from .models import LRU, Mamba, MinGRU, MinLSTM, RecurrentNet
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
@@ -34,6 +34,10 @@ __all__ = [
     "check_model",
     "ModelReport",
     "ModelContractError",
+    "MinGRU",
+    "MinLSTM",
+    "LRU",
+    "Mamba",
     "Update",
     "Trainer",
     "UpdateRecord",

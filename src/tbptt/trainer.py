@@ -21,7 +21,8 @@ from .contract import LossFn
 from .data.streams import Split
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
-from .modelcheck import ModelContractError, check_model as check_contract
+from .modelcheck import ModelContractError
+from .modelcheck import check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
 from .safestep import (
     StepUndo,
