@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .saved import CheckpointError, Fields, integer, like
+from .saved import CheckpointError, Fields, bad, integer, like
 from .validate import InvalidArgument
 
 
@@ -141,9 +141,13 @@ def all_finite(params: list[torch.Tensor]) -> bool:
         return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
-_PARAMETER_SHAPED = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta",
-                     "Rprop", "ASGD")
-"""torch.optim's optimizers whose state tensors are scalars or of their parameter's shape."""
+_KNOWN_STATE = {"SGD": (), "Adam": ("step", "exp_avg", "exp_avg_sq"), "AdamW": ("step", "exp_avg", "exp_avg_sq"),
+                "Adamax": ("step", "exp_avg", "exp_inf"), "NAdam": ("step", "mu_product", "exp_avg", "exp_avg_sq"),
+                "RAdam": ("step", "exp_avg", "exp_avg_sq"), "RMSprop": ("step", "square_avg"),
+                "Adagrad": ("step", "sum"), "Adadelta": ("step", "square_avg", "acc_delta"),
+                "Rprop": ("step", "prev", "step_size"), "ASGD": ("step", "eta", "mu", "ax")}
+"""torch.optim's optimizers whose per-parameter state is tensors only, scalars or of their parameter's
+shape, and the entries each initialised state holds (at least)."""
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
@@ -174,14 +178,30 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
     for key, entry in states.items():
         if key not in params:
             raise CheckpointError(f"checkpoint field optimizer.state holds parameter {key!r}, which no group lists")
-        for name, value in Fields(entry, f"optimizer.state[{key}]").saved.items():
-            where = f"optimizer.state[{key}][{name!r}]"
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(params[key].shape) \
-                    and (type(optimizer).__name__ in _PARAMETER_SHAPED or value.numel() == params[key].numel()):
+        _check_entry(type(optimizer).__name__, Fields(entry, f"optimizer.state[{key}]"), params[key])
+
+
+def _check_entry(kind: str, entry: Fields, param: torch.Tensor) -> None:
+    """One parameter's saved optimizer state: finite tensors (for torch.optim's own optimizers: tensors
+    only, of the entries they hold, scalars or of the parameter's shape), a step count >= 0."""
+    known = _KNOWN_STATE.get(kind)
+    if known is not None and entry.saved:
+        missing = [k for k in known if k not in entry.saved]
+        if missing:
+            raise CheckpointError(f"checkpoint field {entry.where} lacks {missing}, which {kind} keeps per parameter")
+    for name, value in entry.saved.items():
+        where = f"{entry.where}[{name!r}]"
+        if known is not None and not isinstance(value, torch.Tensor):
+            raise bad(where, f"a tensor ({kind} keeps its state in tensors)", value)
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 0 and tuple(value.shape) != tuple(param.shape) and (
+                    known is not None or value.numel() == param.numel()):
                 raise CheckpointError(f"checkpoint field {where} has shape {tuple(value.shape)}; its parameter has "
-                                      f"{tuple(params[key].shape)}")
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                                      f"{tuple(param.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"checkpoint field {where} holds non-finite values")
+        if name == "step" and any(v < 0 or not math.isfinite(v) for v in _numbers(value)):
+            raise bad(where, "a step count >= 0", value)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:

@@ -188,8 +188,13 @@ class Trainer:
         ``callbacks`` (objects with ``on_update(trainer, record)`` and/or
         ``on_epoch_end(trainer, info) -> stop?``), ``patience`` (early stopping on validation
         loss) and ``restore_best``, ``checkpoint`` (path) with ``checkpoint_every`` (updates) and
-        ``resume``, ``log`` (``.jsonl``/``.csv``), ``progress`` (None: a bar only on a terminal),
-        ``max_seconds``. Returns the ``History``.
+        ``resume`` (refused on other training data than the checkpoint's unless
+        ``allow_data_change=True``), ``log`` (``.jsonl``/``.csv``), ``progress`` (None: a bar only on
+        a terminal), ``max_seconds``, ``keep_updates`` (keep every update's record in
+        ``History.updates`` and in checkpoints; otherwise the history holds running summaries of a
+        fixed size), ``max_graph_bytes`` (refuse, before the first update, a run whose graph would
+        be larger; default: the memory available on the model's device). Output paths are checked
+        before the first update. Returns the ``History``.
         """
         return FitLoop(self, train, valid, FitOptions(epochs=epochs, **options)).run()
 
