@@ -110,8 +110,8 @@ class Unguarded(tbptt.Trainer):
         return UpdateRecord(u.start, u.loss_start, u.stop, loss, norm_value, time.perf_counter() - started)
 
 
-def bench_step(repeats: int) -> None:
-    print("an update with the post-step check and undo copy / without (TBPTT(4,4): an update every 4 steps)")
+def bench_step(repeats: int, k: int) -> None:
+    print(f"an update with the post-step check and undo copy / without (TBPTT({k},{k}): an update every {k} steps)")
     for name, hidden, inputs, batch in (("small", 32, 1, 8), ("medium", 256, 32, 32)):
         x = torch.randn(batch, 256, inputs)
         trainers = {}
@@ -119,11 +119,11 @@ def bench_step(repeats: int) -> None:
             torch.manual_seed(0)
             model = tbptt.RecurrentNet(inputs, hidden, inputs)
             trainers[kind.__name__] = kind(model, lambda o, t: ((o - t) ** 2).mean(-1),
-                                           torch.optim.Adam(model.parameters(), 1e-3), tbptt.TBPTT(4, 4),
+                                           torch.optim.Adam(model.parameters(), 1e-3), tbptt.TBPTT(k, k),
                                            clip_grad_norm=1.0)
         arms = {k: (lambda t=t: t.train_on(x, x, end_of_stream=True)) for k, t in trainers.items()}
         t = _ratios(arms, repeats)
-        per = statistics.median(t["Unguarded"]) / 64 * 1e6
+        per = statistics.median(t["Unguarded"]) / (256 // k) * 1e6
         params = sum(p.numel() for p in trainers["Trainer"].model.parameters())
         print(f"  {name}: LSTM({inputs}, {hidden}), B={batch}, {params} weights: {per:.0f} us per update without; "
               f"ratio with/without {_spread(t['Trainer'], t['Unguarded'])}")
@@ -157,13 +157,14 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", default=["hash", "step", "history"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--updates", default="1000,100000")
+    parser.add_argument("--k", type=int, default=4, help="step: TBPTT(k, k), an update every k steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"tbptt {tbptt.__file__}, torch {torch.__version__}, 1 thread")
     if "hash" in args.parts:
         bench_hash(args.repeats)
     if "step" in args.parts:
-        bench_step(args.repeats)
+        bench_step(args.repeats, args.k)
     if "history" in args.parts:
         bench_history([int(v) for v in args.updates.split(",")])
 

@@ -21,6 +21,8 @@ import tbptt
 from tbptt import checkpoint as ckpt
 from tbptt.files import atomic_write, leftover_temporaries
 from _models import make_data, make_model, mse_steps
+from test_fit import Dropout  # an LSTM with dropout inside the recurrence: a resume replays its draws
+from test_reliability import Stop, StopAt
 
 SCALE = float(os.environ.get("TBPTT_FAULTS", "1"))
 SEED = int(os.environ.get("TBPTT_FAULTS_SEED", "13"))
@@ -28,19 +30,6 @@ SEED = int(os.environ.get("TBPTT_FAULTS_SEED", "13"))
 
 def count(n: int) -> int:
     return max(1, round(n * SCALE))
-
-
-class Dropout(torch.nn.Module):
-    """An LSTM with dropout inside the recurrence: a resume must replay the random draws."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = make_model("lstm", 0)
-        self.drop = torch.nn.Dropout(0.2)
-
-    def forward(self, x, state):
-        out, state = self.inner(self.drop(x), state)
-        return self.drop(out), state
 
 
 def data():
@@ -87,7 +76,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_for_bit(tmp_path, capsys):
         path = tmp_path / f"run{i}.pt"
         child = fork.Process(target=_child, args=(path, config))
         child.start()
-        time.sleep(rng.uniform(0.1, 0.9) * duration)
+        time.sleep(rng.uniform(0.05, 0.6) * duration)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         if child.exitcode != -signal.SIGKILL:
@@ -111,21 +100,12 @@ def test_kill_9_at_random_moments_then_resume_is_bit_for_bit(tmp_path, capsys):
 def a_checkpoint(tmp_path):
     """A checkpoint taken mid-block under ``stored``: every part of the format is in it."""
     path = tmp_path / "c.pt"
-
-    class Stop(Exception):
-        pass
-
-    class StopAt:
-        def on_update(self, trainer, record):
-            if record.stop >= 20:
-                raise Stop()
-
     torch.manual_seed(5)
     model = Dropout().double()
     trainer = tbptt.Trainer(model, mse_steps, torch.optim.Adam(model.parameters(), lr=0.01), tbptt.TBPTT(3, 8),
                             strategy="stored")
     with pytest.raises(Stop):
-        trainer.fit(data(), epochs=2, segment_length=4, checkpoint=path, checkpoint_every=1, callbacks=[StopAt()])
+        trainer.fit(data(), epochs=2, segment_length=4, checkpoint=path, checkpoint_every=1, callbacks=[StopAt(20)])
     return path
 
 

@@ -149,23 +149,29 @@ def test_checkpoint_and_history_do_not_grow_with_the_number_of_updates(tmp_path)
 
 # ----------------------------------------------------------------------------------------------
 # 5. tampered and mismatched checkpoints
+class Stop(Exception):
+    pass
+
+
+class StopAt:
+    """Stops a fit at the first update at or past stream step ``step`` (mid-block when k1 does not divide it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_update(self, trainer, record):
+        if record.stop >= self.step:
+            raise Stop()
+
+
 def saved_run(tmp_path):
     x, y = make_data(0, 2, 30)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[1, 20:] = False
     path = tmp_path / "c.pt"
-
-    class Stop(Exception):
-        pass
-
-    class StopMidBlock:
-        def on_update(self, trainer, record):
-            if record.stop >= 15:
-                raise Stop()
-
     with pytest.raises(Stop):
         new_trainer().fit((x, y, mask), epochs=2, segment_length=4, checkpoint=path, checkpoint_every=2,
-                          callbacks=[StopMidBlock()])
+                          callbacks=[StopAt(15)])
     return (x, y, mask), path
 
 
