@@ -203,7 +203,7 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
     ("clip", -1.0, "clip must be a positive number or None"),
     ("clip", 0.0, "clip must be a positive number or None"),
     ("hidden", 0, "hidden must be a positive int"),
-    ("cell", "transformer", "cell must be one of"),
+    ("model", "transformer", "model must be one of .*path/to/file.py:factory"),
     ("segment_length", 0, "segment_length must be a positive int"),
     ("max_seconds", -1.0, "max_seconds must be a positive number"),
     ("max_seconds", float("nan"), "max_seconds must be a positive number"),

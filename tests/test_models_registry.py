@@ -99,3 +99,61 @@ def test_the_factory_module_is_importable_by_name_while_it_runs(tmp_path):
             return nn.Linear(n_inputs, Sizes(hidden).hidden)
     """)
     assert isinstance(load_factory(f"{path}:factory")(n_inputs=2, n_outputs=1, hidden=3), nn.Linear)
+
+
+def test_errors_inside_a_factory_name_it(tmp_path):
+    path = write(tmp_path, """
+        def factory(n_inputs, n_outputs, hidden):
+            raise KeyError("no such size")
+    """)
+    with pytest.raises(RuntimeError, match=f"{path}:factory raised KeyError: 'no such size'"):
+        build_model(f"{path}:factory", 3, 2, 5)
+
+
+def test_token_inputs_get_an_embedding_in_front_of_any_model_but_recurrent_net(tmp_path):
+    path = write(tmp_path, """
+        from torch import nn
+        SEEN = []
+        class Net(nn.Module):
+            def __init__(self, n_inputs, n_outputs):
+                super().__init__()
+                self.head = nn.Linear(n_inputs, n_outputs)
+            def forward(self, x, state=None):
+                return self.head(x), state
+        def factory(n_inputs, n_outputs, hidden):
+            SEEN.append(n_inputs)
+            return Net(n_inputs, n_outputs)
+    """)
+    tokens = torch.randint(7, (3, 9))
+    gru = build_model("gru", n_inputs=4, n_outputs=7, hidden=5, vocab=7)
+    assert isinstance(gru, tbptt.RecurrentNet) and gru.embedding.num_embeddings == 7
+    for name in ("mingru", "minlstm", "lru", "mamba", f"{path}:factory"):
+        model = build_model(name, n_inputs=4, n_outputs=7, hidden=6, vocab=7)
+        assert isinstance(model, tbptt.models.TokenEmbedding), name
+        assert (model.embedding.num_embeddings, model.embedding.embedding_dim) == (7, 4)
+        y, _ = model(tokens)
+        assert y.shape == (3, 9, 7), name
+        # the embedding is trained with the model
+        y.sum().backward()
+        assert model.embedding.weight.grad is not None and model.embedding.weight.grad.abs().sum() > 0
+        assert tbptt.check_model(model, tokens).ok, name
+    assert isinstance(build_model("lru", 4, 7, 6), tbptt.LRU)  # float inputs: no embedding
+
+
+def test_a_task_builds_any_model_for_its_inputs():
+    task = tbptt.data.load_task("echo", steps=20, eval_steps=10, batch_size=2)
+    assert isinstance(task.model(hidden=5, name="mamba"), tbptt.models.TokenEmbedding)
+    assert task.model(hidden=5, cell="gru").rnn.mode == "GRU"  # cell: the former keyword
+    assert task.model(8, "gru", 2).rnn.num_layers == 2
+    with pytest.raises(ValueError, match="give the model once"):
+        task.model(hidden=5, name="lru", cell="gru")
+    adding = tbptt.data.load_task("adding", sequences=8, eval_sequences=4, batch_size=2)
+    assert isinstance(adding.model(hidden=5, name="lru", layers=2), tbptt.LRU)
+
+
+def test_model_spec_checks_the_form_only():
+    assert tbptt.models.model_spec("lru") == "lru"
+    assert tbptt.models.model_spec("not/there.py:make") == "not/there.py:make"
+    for bad in ("transformer", "model.py", "model.py:", "model.py:1x", 3):
+        with pytest.raises(ValueError, match="model must be one of 'lstm'"):
+            tbptt.models.model_spec(bad)

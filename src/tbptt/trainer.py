@@ -249,58 +249,83 @@ class Trainer:
         return result
 
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
-        """Step the optimizer on the update's gradient and check, with one host sync, that the loss,
-        the gradient and the weights after the step are finite (and that some step was valid); if
-        not, the step is undone and the update skipped (or, under ``nonfinite="raise"``, raised)."""
-        result = self.reduce(result)
-        named = self.engine.named_parameters()
-        params = [p for _, p in named]
-        device = result.loss.device
-        norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
-        self._undo.save(params)
-        overflow = self._step(named, result.grads, norm)
-        weights = finite_weights(params).to(device)
-        # the one host sync of an update (a second only when the weights' sum is not finite)
-        loss_value, norm_value, valid, finite = torch.stack(
-            [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
-        ).tolist()
-        reason = _refusal(loss_value, norm_value, valid, finite == 1.0 or all_finite(params), overflow)
-        u = result.update
-        if reason:
-            self._undo.restore()
-            if self.nonfinite == "raise" and reason != "no valid steps":
-                raise NonFiniteError(
-                    f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss {loss_value}, gradient "
-                    f"norm {norm_value}; the step was undone: the weights and the optimizer's state are as before it"
-                )
+        record = apply_update(self.reduce(result), self.engine.named_parameters(), self.optimizer,
+                              self.clip_grad_norm, self.nonfinite, started, self._undo)
+        if record.skipped:
             self.updates_skipped += 1
-            record = UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
-                                  time.perf_counter() - started, True, reason)
         else:
             self.updates_applied += 1
-            record = UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)
         self.after_update(record)
         return record
 
-    def _step(self, named: list[tuple[str, nn.Parameter]], grads: dict, norm: torch.Tensor) -> str:
-        """One optimizer step on ``grads`` (clipped to ``clip_grad_norm``, without a host sync); the
-        message of an overflow the step raised, else ""."""
-        present = [g for name, _ in named if (g := grads[name]) is not None]
-        if self.clip_grad_norm is not None and present:
-            torch._foreach_mul_(present, (self.clip_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0))
-        for name, p in named:
-            g = grads[name]
-            p.grad = None if g is None else g.to(p.dtype)
-        try:
-            self.optimizer.step()
-        except RuntimeError as exc:
-            if "overflow" not in str(exc):
-                self._undo.restore()
-                raise
-            return str(exc)
-        finally:
-            self.optimizer.zero_grad(set_to_none=True)
-        return ""
+
+def apply_update(
+    result: UpdateResult,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: Any,
+    clip_grad_norm: Optional[float],
+    nonfinite: NonFinite,
+    started: float,
+    undo: Optional[StepUndo] = None,
+) -> UpdateRecord:
+    """Apply one update's gradient to the parameters ``named`` with one ``optimizer.step()``, or
+    skip it: the record says which and why (a non-finite loss, gradient or updated weight, no valid
+    step).
+
+    The gradient is clipped to ``clip_grad_norm`` first. After the step one host sync brings back
+    the loss, the gradient norm, the count of valid steps and whether the weights are finite; if
+    any fails, the step is undone (the weights and the optimizer's state as before it, from copies
+    ``undo`` took before the step) and the update skipped, or, with ``nonfinite="raise"``, a
+    ``NonFiniteError`` raised. ``optimizer`` is a torch optimizer, or a wrapper of one that owns the
+    step (Lightning's); ``undo``: a ``StepUndo`` of it kept between updates (its buffers are reused;
+    None makes one). ``started``: the ``time.perf_counter()`` at which the update's work began, for
+    the record's wall time. ``Trainer`` applies every update with it.
+    """
+    undo = undo or StepUndo(optimizer)
+    params = [p for _, p in named]
+    device = result.loss.device
+    norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
+    undo.save(params)
+    overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
+    weights = finite_weights(params).to(device)
+    # the one host sync of an update (a second only when the weights' norm is not finite)
+    loss_value, norm_value, valid, finite = torch.stack(
+        [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
+    ).tolist()
+    reason = _refusal(loss_value, norm_value, valid, finite == 1.0 or all_finite(params), overflow)
+    u = result.update
+    if not reason:
+        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)
+    undo.restore()
+    if nonfinite == "raise" and reason != "no valid steps":
+        raise NonFiniteError(
+            f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss {loss_value}, gradient "
+            f"norm {norm_value}; the step was undone: the weights and the optimizer's state are as before it"
+        )
+    return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
+                        True, reason)
+
+
+def _step(optimizer: Any, undo: StepUndo, named: list[tuple[str, nn.Parameter]], grads: dict,
+          norm: torch.Tensor, clip_grad_norm: Optional[float]) -> str:
+    """One optimizer step on ``grads`` (clipped to ``clip_grad_norm``, without a host sync); the
+    message of an overflow the step raised, else ""."""
+    present = [g for name, _ in named if (g := grads[name]) is not None]
+    if clip_grad_norm is not None and present:
+        torch._foreach_mul_(present, (clip_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0))
+    for name, p in named:
+        g = grads[name]
+        p.grad = None if g is None else g.to(p.dtype)
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            undo.restore()
+            raise
+        return str(exc)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return ""
 
 
 def _refusal(loss: float, norm: float, valid: float, finite_weights: bool, overflow: str) -> str:

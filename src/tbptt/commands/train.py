@@ -21,7 +21,8 @@ import torch
 
 from .. import distributed as tdist
 from ..checkpoint import CheckpointError
-from ..experiments.runs import OPTIMIZERS
+from ..modelcheck import ModelContractError
+from ..experiments.runs import OPTIMIZERS, model_for
 from ..files import check_writable
 from ..schedule import TBPTT
 from ..trainer import Trainer
@@ -55,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed: how long a rank waits for the others before the job fails (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
+    p.add_argument("--check-model", action="store_true",
+                   help="before the first update, check that the model keeps the engine's contract "
+                   "(tbptt.check_model on the first segment); a model that breaks it stops the run with the report")
     p.set_defaults(func=run, parser=p)
 
 
@@ -93,13 +97,13 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cpu")
         if distributed and torch.distributed.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        model = task.model(hidden=args.hidden, cell=args.cell).to(device)
+        model = model_for(task, args.model, args.hidden).to(device)
         optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
         kind = tdist.DistributedTrainer if distributed else Trainer
         trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=args.strategy,
-                       clip_grad_norm=args.clip or None)
+                       clip_grad_norm=args.clip or None, check_model=args.check_model)
         train = trainer.shard(task.train) if distributed else task.train
-        console.print(f"{task.description}: {schedule}, {args.strategy}, "
+        console.print(f"{task.description}: {args.model}, {schedule}, {args.strategy}, "
                       f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
         history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
                               segment_length=args.segment_length, checkpoint=args.checkpoint,
@@ -108,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
+    except ModelContractError as exc:
+        console.print(str(exc.report), markup=False, highlight=False, soft_wrap=True)
+        print_error(ValueError(f"--model {args.model} breaks the engine's contract (report above); "
+                               "fix the model, or train without --check-model at your own risk"), args.parser)
+        return 2
     except (ValueError, TypeError, CheckpointError, MemoryError) as exc:
         print_error(exc, args.parser)
         return 2

@@ -10,7 +10,7 @@ import importlib.util
 import inspect
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -19,6 +19,7 @@ from .lru import LRU
 from .mamba import Mamba
 from .minrnn import MinGRU, MinLSTM
 from .rnn import RecurrentNet
+from .tokens import TokenEmbedding
 
 Builder = Callable[..., nn.Module]
 """``builder(n_inputs=, n_outputs=, hidden=, **options) -> nn.Module``."""
@@ -44,18 +45,32 @@ MODELS: dict[str, Builder] = {
 """The built-in models by name."""
 
 _SPEC = "'path/to/file.py:factory'"
+_RECURRENT = ("lstm", "gru", "rnn")  # RecurrentNet: its own embedding for token inputs
 
 
-def build_model(name: str, n_inputs: int, n_outputs: int, hidden: int, **options) -> nn.Module:
+def model_spec(value: object, name: str = "model") -> str:
+    """``value`` if it names a model: a key of ``MODELS`` or a ``path/to/file.py:factory`` spec
+    (its form only: the file is read when the model is built)."""
+    if (isinstance(value, str) and value in MODELS) or _file_spec(value) is not None:
+        return value  # type: ignore[return-value]
+    raise InvalidArgument(name, value, "one of " + ", ".join(repr(m) for m in MODELS) + f" or {_SPEC}")
+
+
+def build_model(name: str, n_inputs: int, n_outputs: int, hidden: int, *, vocab: Optional[int] = None,
+                **options) -> nn.Module:
     """The model ``name`` (a key of ``MODELS``, or a ``path/to/file.py:factory`` spec) with these sizes.
 
-    ``options`` go to the model's constructor (``layers=2``, ``state_size=16``, ...).
+    ``options`` go to the model's constructor (``layers=2``, ``state_size=16``, ...). ``vocab``: the
+    inputs are ``[B, T]`` integer tokens below ``vocab``, embedded into ``n_inputs`` features
+    (``RecurrentNet``'s own embedding for lstm, gru and rnn; a ``TokenEmbedding`` in front of any
+    other model, which is built for ``n_inputs`` float features).
     """
-    if isinstance(name, str) and name in MODELS:
-        return MODELS[name](n_inputs=n_inputs, n_outputs=n_outputs, hidden=hidden, **options)
-    if isinstance(name, str) and ".py:" in name:
-        return load_factory(name)(n_inputs=n_inputs, n_outputs=n_outputs, hidden=hidden, **options)
-    raise InvalidArgument("name", name, "one of " + ", ".join(repr(m) for m in MODELS) + f" or {_SPEC}")
+    model_spec(name, "name")
+    if name in _RECURRENT and vocab is not None:
+        return MODELS[name](n_inputs=n_inputs, n_outputs=n_outputs, hidden=hidden, vocab=vocab, **options)
+    build = MODELS[name] if name in MODELS else load_factory(name)
+    model = build(n_inputs=n_inputs, n_outputs=n_outputs, hidden=hidden, **options)
+    return model if vocab is None else TokenEmbedding(vocab, n_inputs, model)
 
 
 def load_factory(spec: str) -> Builder:
@@ -64,9 +79,10 @@ def load_factory(spec: str) -> Builder:
     The file is imported (its folder on ``sys.path`` while it is); the builder calls the factory with
     keywords and checks that it returns an ``nn.Module``. Every error names the file and the function.
     """
-    path, _, function = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
-    if not path.endswith(".py") or not function.isidentifier():
+    parts = _file_spec(spec)
+    if parts is None:
         raise InvalidArgument("spec", spec, _SPEC)
+    path, function = parts
     file = Path(path)
     if not file.is_file():
         raise InvalidArgument("spec", spec, _SPEC, hint=f"there is no file {path}")
@@ -78,6 +94,12 @@ def load_factory(spec: str) -> Builder:
     if not callable(factory):
         raise TypeError(f"{path}:{function} is a {type(factory).__name__}, not a function that returns the model")
     return _checked(factory, f"{path}:{function}")
+
+
+def _file_spec(value: object) -> Optional[tuple[str, str]]:
+    """(path, function) of a ``path/to/file.py:function`` spec; None for anything else."""
+    path, _, function = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    return (path, function) if path.endswith(".py") and function.isidentifier() else None
 
 
 def _import_file(file: Path, function: str):
@@ -111,7 +133,10 @@ def _checked(factory: Callable, where: str) -> Builder:
             ) from None
         except ValueError:  # a signature inspect cannot read (a builtin): call it and see
             pass
-        model = factory(**keywords)
+        try:
+            model = factory(**keywords)
+        except Exception as error:
+            raise RuntimeError(f"{where} raised {type(error).__name__}: {error}") from error
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{where} returned a {type(model).__name__}; it must return the model, an nn.Module "
