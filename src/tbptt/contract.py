@@ -96,7 +96,8 @@ def check_state_rows(model: nn.Module, state: st.State, rows: int) -> None:
     ``rows`` (B, the streams): the mark of a time-first model (an nn.LSTM without
     ``batch_first=True``) fed batch-first inputs, which reads the time axis as the batch."""
     leaves = st.tensors(state)
-    if not leaves or any(rows in t.shape for t in leaves):
+    # recurrent states are at least 2-D ([B, H], [layers, B, H]); a scalar state (a step count) is left alone
+    if not any(t.dim() >= 2 for t in leaves) or any(rows in t.shape for t in leaves):
         return
     time_first = [name or type(model).__name__ for name, m in model.named_modules()
                   if isinstance(m, nn.RNNBase) and not m.batch_first]
