@@ -14,13 +14,13 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "tbptt"
 
 # lowest first; a module may import its own layer and those below, never one above
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("validate", "files", "schedule", "state")),
+    ("base", ("validate", "files", "saved", "schedule", "state")),
     ("contract", ("contract", "steps")),
     ("models", ("models",)),
     ("data", ("data",)),
-    ("engine", ("stream_state", "stored", "checkpointing", "engine")),
+    ("engine", ("stream_state", "stored", "checkpointing", "engine", "memory")),
     ("model check", ("modelcheck",)),
-    ("trainer", ("records", "budget", "checkpoint", "fit", "trainer")),
+    ("trainer", ("records", "budget", "checkpoint", "safestep", "fit", "trainer")),
     ("diagnostics", ("diagnostics",)),
     ("experiments", ("experiments",)),
     ("integrations", ("distributed", "lightning")),

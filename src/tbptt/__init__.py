@@ -23,7 +23,8 @@ from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
 from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import LRU, Mamba, MinGRU, MinLSTM, RecurrentNet
-from .records import History, NonFiniteError, UpdateRecord
+from .memory import GraphMemoryError
+from .records import History, NonFiniteError, UpdateRecord, UpdateStats
 from .schedule import TBPTT, Update
 from .state import detach, reset_rows
 from .trainer import Trainer
@@ -46,6 +47,8 @@ __all__ = [
     "UpdateRecord",
     "NonFiniteError",
     "History",
+    "UpdateStats",
+    "GraphMemoryError",
     "CheckpointError",
     "DistributedTrainer",
     "DistributedError",

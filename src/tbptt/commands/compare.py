@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import distributed as tdist
 from ..experiments.sweep import compare, summary_line
+from ..files import check_writable
 from ..validate import positive_int, positive_number
 from .console import card, make_console
 from .options import (
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             positive_int(args.jobs, "--jobs", "worker processes")
         positive_number(args.timeout, "--timeout", "seconds")
         options = task_options(args.task, args.task_option)
+        check_writable(args.out or f"tbptt-report/{args.task}", "--out", folder=True)
         task = load_task(args.task, args.task_option)  # a missing file is reported here, before any run
         task_defaults(args, task)
         budget = check_budget(args)

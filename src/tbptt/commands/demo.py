@@ -18,6 +18,7 @@ from typing import Any, Optional
 from ..budget import Budget
 from ..experiments.page import write_index
 from ..experiments.sweep import compare
+from ..files import check_writable
 from ..validate import positive_int
 from .compare import print_comparison
 from .console import heading, make_console
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             positive_int(args.jobs, "--jobs", "worker processes")
         if args.budget is not None:
             args.budget = str(Budget.parse(args.budget, "--budget"))
+        check_writable(args.out, "--out", folder=True)
     except ValueError as exc:
         print_error(exc, args.parser)
         return 2

@@ -130,8 +130,10 @@ def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -
     """One red line on standard error: what is wrong, in flags."""
     from rich.markup import escape
 
-    # in a log, one line however long (a path cut in two cannot be copied)
-    make_console(stderr=True).print(f"[red]error:[/red] {escape(str(flag_error(exc, parser)))}", highlight=False)
+    # escaped: messages quote paths and torch's own errors, whose [brackets] are not markup; in a
+    # log, one line however long (a path cut in two cannot be copied)
+    make_console(stderr=True).print(f"[red]error:[/red] {escape(str(flag_error(exc, parser)))}", highlight=False,
+                                    soft_wrap=True)
 
 
 def task_options(name: str, items: list[str]) -> dict[str, Any]:

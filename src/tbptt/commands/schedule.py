@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..experiments.timeline import cost_table, plot_schedule, render_timeline
+from ..files import check_writable
 from ..schedule import TBPTT
 from ..validate import positive_int
 from .options import print_error
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         positive_int(args.n, "--n", "the stream length")
         if args.width is not None:
             positive_int(args.width, "--width", "columns")
+        if args.png:
+            check_writable(args.png, "--png")
     except (TypeError, ValueError) as exc:
         print_error(exc)
         return 2
@@ -56,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(cost_table(schedule, args.n))
     if args.png:
         png = Path(args.png)
-        png.parent.mkdir(parents=True, exist_ok=True)
         plot_schedule(schedule, args.n, path=png)
         console.print(f"wrote {png}")
     return 0

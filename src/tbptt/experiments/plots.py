@@ -4,7 +4,6 @@ nothing depends on a display; they are drawn 1200 pixels wide, for a page's full
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write_figure
 from .front import curves as front_curves
 from .front import pareto_front
 from .summary import Row, Run, group_runs, label
@@ -26,13 +25,6 @@ def _figure():
 
     fig = Figure(figsize=_SIZE, dpi=_DPI)
     return fig, fig.add_subplot()
-
-
-def _save(fig, path: Path) -> Path:
-    """The figure as a PNG at ``path``, written whole or not at all."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def _colours(count: int) -> list:
@@ -60,7 +52,7 @@ def _finish(fig, ax, path: Path) -> Path:
     # beside the plot, so that no label covers a curve or another label
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return atomic_write_figure(path, fig)
 
 
 def _reduce(array: np.ndarray, fn=np.nanmean) -> np.ndarray:
@@ -154,7 +146,7 @@ def plot_grad_norms(runs: Sequence[Run], meta: dict, path: Path) -> Path:
     fig.suptitle(f"{meta.get('task', '')}: gradient norm before clipping (median over seeds; band min-max"
                  f"{'; dashed: clip ' + format(clip, 'g') if clip else ''})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return atomic_write_figure(path, fig)
 
 
 def plot_front(runs: Sequence[Run], meta: dict, path: Path) -> Path:

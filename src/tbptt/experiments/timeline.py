@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..files import atomic_write_figure
 from ..schedule import TBPTT
 from ..validate import positive_int
 
@@ -167,5 +168,5 @@ def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = No
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path)
+        atomic_write_figure(path, fig)
     return fig
