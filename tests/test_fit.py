@@ -274,3 +274,30 @@ def test_a_named_tuple_state_is_saved_and_loads_once_allowed(tmp_path):
     other = tbptt.Trainer(again, mse_steps, torch.optim.SGD(again.parameters(), lr=0.1), tbptt.TBPTT(3, 3))
     other.load_state_dict(ckpt.load(tmp_path / "c.pt"))
     assert isinstance(other.engine._states[3], Carry) and other.position == 4
+
+
+@pytest.mark.parametrize("segment_length", [3, 20])
+def test_a_per_update_scheduler_steps_between_the_updates_of_one_segment(segment_length):
+    # every update trains at the learning rate of its place in the run, however the streams are cut
+    def run(length):
+        torch.manual_seed(0)
+        model = make_model("lstm", seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+        rates = []
+
+        class Seen:
+            def on_update(self, trainer, record):
+                rates.append(opt.param_groups[0]["lr"])
+
+        trainer = tbptt.Trainer(model, mse_steps, opt, tbptt.TBPTT(2, 2))
+        x, y = make_data(seed=1, batch=3, n=20)
+        trainer.fit((x, y), epochs=1, segment_length=length, scheduler=sched, scheduler_interval="update",
+                    callbacks=[Seen()])
+        return [p.detach().clone() for p in model.parameters()], rates
+
+    weights, rates = run(segment_length)
+    one_by_one, expected = run(2)
+    assert rates == expected and rates[:3] == [0.5, 0.25, 0.125]
+    for a, b in zip(weights, one_by_one):
+        assert torch.equal(a, b)

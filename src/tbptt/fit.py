@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -41,6 +41,7 @@ class FitTrainer(Protocol):
     def position(self) -> int: ...
 
     budget: Optional[BudgetMeter]
+    on_record: Optional[Callable[[UpdateRecord], None]]
 
     @property
     def pending(self) -> bool: ...
@@ -261,6 +262,7 @@ class FitLoop:
         self.meter.load_state_dict(self.progress.spent)
         self.meter.start()
         outer, self.trainer.budget = self.trainer.budget, self.meter
+        hook, self.trainer.on_record = self.trainer.on_record, self._on_update
         try:
             while (o.epochs is None or self.progress.epoch < o.epochs) and not self.stop:
                 if self._out_of_budget():
@@ -269,7 +271,7 @@ class FitLoop:
                 out_of_time = self._run_epoch()
                 self._end_epoch(out_of_time, epoch_started)
         finally:
-            self.trainer.budget = outer
+            self.trainer.budget, self.trainer.on_record = outer, hook
         if o.restore_best and self.best_weights is not None:
             self.trainer.model.load_state_dict(self.best_weights)
         return self.history
@@ -395,16 +397,19 @@ class FitLoop:
         return self._record(records)
 
     def _record(self, records: list[UpdateRecord]) -> list[UpdateRecord]:
-        o = self.options
-        for record in records:
-            self.history.add(record)
-            for cb in o.callbacks:
-                if hasattr(cb, "on_update"):
-                    cb.on_update(self.trainer, record)
-            if o.scheduler is not None and o.scheduler_interval == "update" and not record.skipped:
-                o.scheduler.step()
         self.since_save += len(records)
         return records
+
+    def _on_update(self, record: UpdateRecord) -> None:
+        """Right after each update, before the next: the history, callbacks, a per-update scheduler
+        (so that every update of a segment trains at the learning rate its place in the run gives)."""
+        o = self.options
+        self.history.add(record)
+        for cb in o.callbacks:
+            if hasattr(cb, "on_update"):
+                cb.on_update(self.trainer, record)
+        if o.scheduler is not None and o.scheduler_interval == "update" and not record.skipped:
+            o.scheduler.step()
 
     def _end_epoch(self, out_of_time: bool, epoch_started: float) -> None:
         o, p, history = self.options, self.progress, self.history

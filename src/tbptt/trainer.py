@@ -98,6 +98,9 @@ class Trainer:
         self.updates_skipped = 0
         self.budget: Optional[BudgetMeter] = None
         """Consulted before each update when set (``fit`` sets it for its budgets): see ``train_on``."""
+        self.on_record: Optional[Callable[[UpdateRecord], None]] = None
+        """Called with each update's record as soon as it is made, before the next update (``fit``
+        sets it: its callbacks and per-update schedulers act between updates, not after a call)."""
 
     @property
     def schedule(self) -> TBPTT:
@@ -295,6 +298,8 @@ class Trainer:
         else:
             self.updates_applied += 1
         self.after_update(record)
+        if self.on_record is not None:
+            self.on_record(record)
         return record
 
 
