@@ -4,6 +4,8 @@ See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 """
 
 from . import models as models
+from .adaptive import AdaptiveTBPTT
+from .artbp import ARTBP
 from .checkpoint import CheckpointError
 from .data import (
     TASKS,
@@ -24,12 +26,17 @@ from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import RecurrentNet
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT, Update
+from .schedules import Schedule, parse_schedule
 from .state import detach, reset_rows
 from .trainer import Trainer
 from .validate import InvalidArgument
 
 __all__ = [
     "TBPTT",
+    "ARTBP",
+    "AdaptiveTBPTT",
+    "Schedule",
+    "parse_schedule",
     "RecurrentNet",
     "check_model",
     "ModelReport",

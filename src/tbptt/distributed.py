@@ -93,6 +93,7 @@ class DistributedTrainer(Trainer):
         self._root = 0 if group is None else dist.get_global_rank(group, 0)
         self._rows: Optional[int] = None
         self._broadcast_model()
+        self._share_plan()
 
     # ------------------------------------------------------------------------------------------
     def shard(self, data: Any) -> Split:
@@ -124,7 +125,7 @@ class DistributedTrainer(Trainer):
         grads: dict[str, Optional[torch.Tensor]] = {}
         for (name, p), g, used in zip(named, torch.split(mean[:size], sizes), anywhere):
             grads[name] = g.view(p.shape) if used else None
-        return UpdateResult(result.update, mean[size], grads, total)
+        return UpdateResult(result.update, mean[size], grads, total, result.k2)
 
     def check_consistency(self) -> None:
         """Raise ``DistributedError`` naming the first parameter or buffer that differs between ranks
@@ -238,6 +239,23 @@ class DistributedTrainer(Trainer):
                 self._collective(dist.broadcast, flat, src=self._root, what="broadcasting rank 0's weights")
                 for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
                     t.copy_(part.view(t.shape))
+
+    def _share_plan(self) -> None:
+        """Every rank follows rank 0's schedule: ARTBP's draws start from rank 0's generator, and an
+        adaptive schedule's measurements are summed over all ranks' rows before k2 is chosen, so that
+        every update has the same L or k2 on every rank (the one a single process would choose)."""
+        engine = self.engine
+        if engine.generator is not None:
+            state = [engine.generator.get_state()]
+            self._collective(dist.broadcast_object_list, state, src=self._root, what="sharing rank 0's ARTBP draws")
+            engine.generator.set_state(state[0])
+
+        def combine(sums: torch.Tensor) -> torch.Tensor:
+            total = sums.to(self._device())
+            self._collective(dist.all_reduce, total, what="summing a measurement of the gradient's decay")
+            return total.cpu()
+
+        engine.combine = combine
 
     def _agree(self, facts: dict[str, Any]) -> None:
         every: list[Any] = [None] * self.world_size

@@ -15,10 +15,17 @@ Two strategies (``SEMANTICS.md``):
   covers them (``stored.py``); a window's backward goes through them as they are.
 
 With k1 >= k2 no window reaches into an earlier block and the two strategies are the same code.
+
+The schedule is followed through its plan (``schedule.Plan``): TBPTT's is index arithmetic; ARTBP's
+draws its windows from a ``torch.Generator`` the engine owns (seeded from torch's random generator,
+saved with the streams), and its steps before a block run one per call so that the gradient through
+each can be compensated (``compensation.py``); AdaptiveTBPTT's holds the k2 chosen so far, from the
+measurements the engine makes at the updates it names (``lagscan.py``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional
 
@@ -26,9 +33,14 @@ import torch
 from torch import nn
 
 from . import state as st
+from .adaptive import AdaptiveTBPTT, AdaptivePlan
+from .artbp import ARTBP
 from .checkpointing import Segments, check_segments, checkpointed_call, segment_cuts
+from .compensation import run_compensated
 from .contract import LossFn, call_model, masked_sum, step_losses
-from .schedule import TBPTT, Update
+from .lagscan import lag_sums, measured_positions
+from .schedule import Update
+from .schedules import Schedule, check_schedule
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
 from .stream_state import StreamState
@@ -43,12 +55,19 @@ ResetFn = Callable[[object, torch.Tensor], object]
 @dataclass
 class UpdateResult:
     """What one update produced: its indices, its loss (a 0-d tensor), one gradient per trainable
-    parameter (None where the loss does not depend on it) and the count of valid error steps."""
+    parameter (None where the loss does not depend on it), the count of valid error steps, and the
+    window it was given (``k2``: TBPTT's k2, None for n; ARTBP's L drawn; AdaptiveTBPTT's k2 in force)."""
 
     update: Update
     loss: torch.Tensor
     grads: dict[str, Optional[torch.Tensor]]
     valid_steps: torch.Tensor
+    k2: Optional[int] = None
+
+
+def uniforms(generator: torch.Generator) -> Callable[[], float]:
+    """Independent uniform draws in (0, 1] from ``generator``."""
+    return lambda: 1.0 - float(torch.rand((), generator=generator, dtype=torch.float64))
 
 
 class StreamEngine:
@@ -62,19 +81,25 @@ class StreamEngine:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        schedule: TBPTT,
+        schedule: Schedule,
         strategy: Strategy = "recompute",
         reset_fn: Optional[ResetFn] = None,
         checkpoint_segments: Segments = None,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> [B, T]; got {loss_fn!r}")
-        if not isinstance(schedule, TBPTT):
-            raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
+        check_schedule(schedule)
         one_of(strategy, "strategy", STRATEGIES)
         check_segments(checkpoint_segments)
+        if isinstance(schedule, ARTBP) and strategy == "stored":
+            raise ValueError(
+                f"{schedule} needs strategy='recompute': its compensation makes the update an unbiased estimate of "
+                "the gradient at the current weights, which windows stored under older weights are not; and "
+                "its windows, drawn anew for each update, would need every step kept as its own segment"
+            )
         self.reset_fn = reset_fn or st.reset_rows
         self.checkpoint_segments = checkpoint_segments
         self.model = model
@@ -82,16 +107,24 @@ class StreamEngine:
         self.schedule = schedule
         self.strategy = strategy
         # stored activations only matter when windows reach into earlier blocks
-        self._overlapping = strategy == "stored" and (
-            schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
-        )
+        self._overlapping = strategy == "stored" and _reaches_earlier_blocks(schedule)
         if self._overlapping and checkpoint_segments is not None:
             raise ValueError(
                 f"checkpoint_segments={checkpoint_segments!r} recomputes activations, which {schedule} with "
                 "strategy='stored' keeps by definition; use strategy='recompute' to checkpoint its windows"
             )
+        # ARTBP's draws: seeded from torch's generator, so that torch.manual_seed reproduces a run
+        self.generator: Optional[torch.Generator] = generator
+        if generator is None and isinstance(schedule, ARTBP):
+            self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        self.plan = schedule.plan(None if self.generator is None else uniforms(self.generator))
+        self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums
+        """How a measurement's sums over this process's rows become sums over all rows (data-parallel
+        training sums them over the ranks)."""
         self.forward_steps = 0
         self.backward_steps = 0
+        self.measure_seconds = 0.0  # CPU seconds spent measuring (AdaptiveTBPTT)
+        self.measure_steps = 0  # steps run forward (and backward) to measure
         self.reset()
 
     # ------------------------------------------------------------------------------------------
@@ -104,6 +137,7 @@ class StreamEngine:
         self._segments: list[Segment] = []
         self._batch_size: Optional[int] = None
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
+        self.plan.reset()
 
     @property
     def state(self) -> st.State:
@@ -119,10 +153,13 @@ class StreamEngine:
         the kept activations (which ``load_state_dict`` recomputes, bit for bit, instead of saving a
         graph)."""
         snapshots, segments = describe(self._segments)
+        plan = {"plan": self.plan.state_dict(), "measure_steps": self.measure_steps}
+        if self.generator is not None:
+            plan["generator"] = self.generator.get_state()
         return StreamState(
             str(self.schedule), self.strategy, self.position, self.previous, dict(self._states),
             list(self._steps.parts), sorted(self._steps.resets_at), self._batch_size, self._state_shapes,
-            self.forward_steps, self.backward_steps, snapshots, segments,
+            self.forward_steps, self.backward_steps, snapshots, segments, plan,
         ).to_dict()
 
     def load_state_dict(self, saved: dict) -> None:
@@ -147,6 +184,16 @@ class StreamEngine:
                                                         snapshots[seg.weights], seg.random))
         # rebuilding is not new work
         self.forward_steps, self.backward_steps = streams.forward_steps, streams.backward_steps
+        self.load_plan(streams.plan)
+
+    def load_plan(self, saved: dict) -> None:
+        """Continue the draws and choices saved with the streams (``state_dict()["plan"]``)."""
+        self.plan.load_state_dict(saved.get("plan", {}))
+        self.measure_steps = int(saved.get("measure_steps", 0))
+        if self.generator is not None:
+            if "generator" not in saved:
+                raise ValueError(f"the saved streams hold no random state for {self.schedule}'s draws")
+            self.generator.set_state(saved["generator"])
 
     # ------------------------------------------------------------------------------------------
     def feed(
@@ -178,7 +225,7 @@ class StreamEngine:
         self._steps.append(Steps(self.position, inputs, targets, mask, resets))
         self.position += inputs.shape[1]
         while True:
-            end = self.schedule.block_end(self.previous)
+            end = self.plan.block_end(self.previous)
             if end is None or end > self.position:
                 break
             result = self._close_block(end)
@@ -254,7 +301,7 @@ class StreamEngine:
     # ------------------------------------------------------------------------------------------
     def _close_block(self, clipped: int) -> Optional[UpdateResult]:
         previous = self.previous
-        update = self.schedule.update(previous, stop=clipped)
+        update = self.plan.update(previous, stop=clipped)
         if update is None:
             # nothing left to inject (the stream ended before this block's window)
             return None
@@ -262,22 +309,27 @@ class StreamEngine:
             result = self._stored_block(update)
         else:
             result = self._recomputed_block(update)
+        result.k2 = self.plan.window_length(update)
+        if isinstance(self.plan, AdaptivePlan):
+            self._measure(self.plan, update)
+        self.plan.closed(update)
         self.previous = update.stop
-        next_end = self.schedule.block_end(update.stop)
-        reach = self.schedule.window_start(next_end) if next_end is not None else update.stop
-        self._forget_before(min(reach, update.stop))
+        self._forget_before(min(self.plan.reach(update.stop), update.stop))
         self.backward_steps += update.window
         return result
 
     def _recomputed_block(self, update: Update) -> UpdateResult:
         previous, start, stop = self.previous, update.start, update.stop
         first = min(start, previous)
-        saved = self.schedule.saved_state_position(previous)
         # no cut at P when the window starts before it: the state there is kept already (also when
         # a later window starts there), and every extra call costs a fused kernel's fixed overhead
-        if saved is not None and saved <= previous:
-            saved = None
-        cuts = self._cuts(first, stop, start, saved, *segment_cuts(self.checkpoint_segments, start, stop))
+        saved = [p for p in self.plan.starts_in(previous, stop) if p > previous]
+        # ARTBP: the gradient through the state at each step before the block is multiplied by 1/q,
+        # so those steps run apart from the block's
+        factor = 1 / self.schedule.q if isinstance(self.schedule, ARTBP) and self.schedule.q > 0 else None
+        if factor is not None:
+            saved.append(previous)
+        cuts = self._cuts(first, stop, start, *saved, *segment_cuts(self.checkpoint_segments, start, stop))
         state = self._states[first]
         window_outputs: list[torch.Tensor] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
@@ -287,6 +339,9 @@ class StreamEngine:
                 # steps of a k1 > k2 block before its window only advance the state
                 with torch.no_grad():
                     _, state = self._call(x, state)
+            elif factor is not None and b <= previous:
+                out, state = run_compensated(self._call, x, state, factor)
+                window_outputs.append(out)
             elif self.checkpoint_segments is not None:
                 out, state = checkpointed_call(self._call, x, state)
                 window_outputs.append(out)
@@ -303,6 +358,38 @@ class StreamEngine:
         named = self.named_parameters()
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
+
+    def _measure(self, plan: AdaptivePlan, update: Update) -> None:
+        """If the plan measures this update, measure the state gradient's decay (``lagscan.py``) at the
+        current weights and let the plan choose k2 from it."""
+        start = plan.measures(update)
+        if start is None:
+            return
+        started = time.process_time()
+        block, stop = update.loss_start, update.stop
+        positions = measured_positions(start, block, plan.schedule.stride)
+        if self._states[start] is None:  # a fresh stream's start: no state to measure there
+            positions = [p for p in positions if p > start]
+        cuts = self._cuts(start, stop, *positions)
+        errors = self._steps.slice(block, stop)
+
+        def run(a: int, b: int, state: st.State) -> tuple[torch.Tensor, st.State]:
+            return call_model(self.model, self._steps.slice(a, b).inputs, self._enter(a, state))
+
+        def block_loss(outputs: torch.Tensor) -> torch.Tensor:
+            losses = step_losses(self.loss_fn, outputs[:, block - start :], errors.targets, errors.mask)
+            return masked_sum(losses, errors.mask)[0]
+
+        with torch.enable_grad():
+            sums = lag_sums(run, block_loss, cuts, positions, self._states[start], self._batch_size or 1)
+        curve = None
+        if sums is not None:
+            rows = torch.tensor([float(self._batch_size or 1)], dtype=torch.float64)
+            combined = self.combine(torch.cat([sums, rows]))
+            curve = (combined[:-1] / combined[-1]).tolist()
+        plan.observe(curve, update)
+        self.measure_steps += stop - start
+        self.measure_seconds += time.process_time() - started
 
     def _run_segment(
         self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor], replay: Optional[dict] = None
@@ -333,7 +420,7 @@ class StreamEngine:
         previous, stop = self.previous, update.stop
         named = self.named_parameters()
         weights = {n: p.detach().clone().requires_grad_(True) for n, p in named}
-        cuts = self._cuts(previous, stop, self.schedule.saved_state_position(previous))
+        cuts = self._cuts(previous, stop, *self.plan.starts_in(previous, stop))
         prior: st.State = self._segments[-1].out_state if self._segments else self._states[previous]
         for a, b in zip(cuts[:-1], cuts[1:]):
             segment = self._run_segment(a, b, prior, weights)
@@ -348,26 +435,36 @@ class StreamEngine:
         return UpdateResult(update, loss.detach(), grads, count)
 
 
+def _reaches_earlier_blocks(schedule: Schedule) -> bool:
+    """Whether a window of ``schedule`` can begin before its block (stored activations then matter)."""
+    if isinstance(schedule, (ARTBP, AdaptiveTBPTT)):
+        return True
+    return schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
+
+
 def truncated_gradients(
     model: nn.Module,
     loss_fn: LossFn,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    schedule: TBPTT,
+    schedule: Schedule,
     state: st.State = None,
     mask: Optional[torch.Tensor] = None,
     resets: Optional[torch.Tensor] = None,
     reset_fn: Optional[ResetFn] = None,
     checkpoint_segments: Segments = None,
+    generator: Optional[torch.Generator] = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The gradient of every update of ``schedule`` on one stream, all at the model's current weights.
 
-    Returns one ``{parameter_name: gradient}`` per update of ``schedule.updates(T)``, in order
-    (zeros for a parameter the update's loss does not reach). Neither the weights nor their
-    ``.grad`` are changed. ``state`` is the state entering step 0 (None: the model's own start);
-    ``mask``/``resets`` as in ``StreamEngine.feed``; ``checkpoint_segments`` trades memory for time.
+    Returns one ``{parameter_name: gradient}`` per update (for TBPTT, those of
+    ``schedule.updates(T)``), in order (zeros for a parameter the update's loss does not reach).
+    Neither the weights nor their ``.grad`` are changed. ``state`` is the state entering step 0
+    (None: the model's own start); ``mask``/``resets`` as in ``StreamEngine.feed``;
+    ``checkpoint_segments`` trades memory for time; ``generator`` draws ARTBP's windows (default:
+    one seeded from torch's random generator).
     """
-    engine = StreamEngine(model, loss_fn, schedule, "recompute", reset_fn, checkpoint_segments)
+    engine = StreamEngine(model, loss_fn, schedule, "recompute", reset_fn, checkpoint_segments, generator)
     engine.reset(initial_state=state)
     params = dict(engine.named_parameters())
     out = []

@@ -20,7 +20,9 @@ from .files import PathLike, atomic_write_text
 class UpdateRecord:
     """What one update did: its window ``[start, stop)`` and errors ``[loss_start, stop)`` (stream
     positions; ``stop`` is where the update fell), its loss, the gradient norm (before clipping),
-    wall time in seconds, and whether it was skipped and why."""
+    wall time in seconds, whether it was skipped and why, and the window it was given: ``k2`` is
+    TBPTT's k2 (None for n), ARTBP's L drawn (``k1 + J``, J clipped at the stream's start) or
+    AdaptiveTBPTT's k2 in force."""
 
     start: int
     loss_start: int
@@ -30,6 +32,7 @@ class UpdateRecord:
     wall_time: float
     skipped: bool = False
     reason: str = ""
+    k2: Optional[int] = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +59,10 @@ class History:
     diverged: bool = False
     stopped_by: str = ""
     best_epoch: Optional[int] = None
+
+    def k2(self) -> list[Optional[int]]:
+        """The window each update was given, in order (``UpdateRecord.k2``): k2 over training."""
+        return [r.k2 for r in self.updates]
 
     def write(self, path: PathLike) -> Path:
         """Write the epochs as JSON lines (``.jsonl``) or CSV (``.csv``), atomically."""

@@ -2,7 +2,9 @@
 
 A ``StreamState`` holds the stream position, the carried states the open block and later windows
 need, the open block's buffered steps, and, for the ``stored`` strategy, what rebuilds the kept
-activations (weight snapshots and, per segment, its steps, entering state and random state). Every
+activations (weight snapshots and, per segment, its steps, entering state and random state), and
+the schedule's plan: ARTBP's window starts drawn so far and its generator's state, AdaptiveTBPTT's
+choices of k2 and measurements (the same on every rank of a data-parallel job). Every
 row-indexed tensor in it can be sliced by rows (``take_rows``) and the rows of several shares put
 together (``cat_rows``): data-parallel training saves one state of all rows from the ranks' shares
 and hands each rank its rows back on resume. On disk it is plain data (``to_dict``), so that safe
@@ -52,6 +54,7 @@ class StreamState:
     backward_steps: int = 0
     snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
     segments: list[SegmentEntry] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +74,7 @@ class StreamState:
             "snapshots": self.snapshots,
             "segments": [{"start": s.start, "stop": s.stop, "in_state": s.in_state, "weights": s.weights,
                           "random": s.random} for s in self.segments],
+            "plan": dict(self.plan),
         }
 
     @classmethod
@@ -91,6 +95,7 @@ class StreamState:
             backward_steps=saved["backward_steps"],
             snapshots=list(saved["snapshots"]),
             segments=[SegmentEntry(**s) for s in saved["segments"]],
+            plan=dict(saved.get("plan", {})),
         )
 
     # ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError, check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
-from .schedule import TBPTT
+from .schedules import Schedule
 from .validate import one_of, positive_number
 
 NonFinite = Literal["skip", "raise"]
@@ -38,7 +38,9 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Trainer:
-    """Trains ``model`` with TBPTT(k1, k2) on streams fed in consecutive calls.
+    """Trains ``model`` with TBPTT(k1, k2) on streams fed in consecutive calls (or with
+    ``ARTBP(k1, mean_k2)``, random windows compensated to be unbiased, or ``AdaptiveTBPTT(k1, ...)``,
+    k2 chosen from the measured gradient decay; see ``docs/SEMANTICS.md``).
 
     - ``model(inputs[B, T, ...], state) -> (outputs[B, T, ...], new_state)``, state None at a
       stream's start; any nesting of tensors as state.
@@ -65,7 +67,7 @@ class Trainer:
         model: nn.Module,
         loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
-        schedule: TBPTT,
+        schedule: Schedule,
         strategy: Strategy = "recompute",
         clip_grad_norm: Optional[float] = None,
         nonfinite: NonFinite = "skip",
@@ -89,7 +91,7 @@ class Trainer:
         self.updates_skipped = 0
 
     @property
-    def schedule(self) -> TBPTT:
+    def schedule(self) -> Schedule:
         return self.engine.schedule
 
     @property
@@ -242,7 +244,7 @@ class Trainer:
         if reason:
             self.updates_skipped += 1
             return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
-                                time.perf_counter() - started, True, reason)
+                                time.perf_counter() - started, True, reason, result.k2)
         scale = 1.0
         if self.clip_grad_norm is not None:
             scale = min(1.0, self.clip_grad_norm / (norm_value + 1e-6))
@@ -252,4 +254,5 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates_applied += 1
-        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)
+        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
+                            k2=result.k2)

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the demo works (seconds)")
+    p.add_argument("--config", action="append", default=[], metavar="CONFIG",
+                   help="also run this configuration on each task, e.g. artbp:10,30 or adaptive:4@tolerance=0.05 "
+                   "(repeatable)")
     p.set_defaults(func=run)
 
 
@@ -87,7 +90,7 @@ def echo_verdict(rows: list[dict], delay: int, chance: float) -> list[str]:
                         (False, f"k2 <= d = {delay}, no window reaches it")):
         items = []
         for row in rows:
-            k2 = Configuration.parse(_schedule_text(row["config"])).schedule.k2
+            k2 = _longest_window(Configuration.parse(row["config"].split()[0]).schedule)
             metric = row["final_metric"]
             if (k2 is None or k2 > delay) != spans or not math.isfinite(metric):
                 continue
@@ -110,9 +113,10 @@ def echo_verdict(rows: list[dict], delay: int, chance: float) -> list[str]:
     return lines
 
 
-def _schedule_text(label: str) -> str:
-    body = label.split()[0]
-    return body[6:-1] if body.startswith("TBPTT(") else body
+def _longest_window(schedule: Any) -> Any:
+    """The longest window a schedule can give an update (None: unbounded): TBPTT's k2, AdaptiveTBPTT's
+    max_k2, ARTBP's none (a window may reach any step)."""
+    return getattr(schedule, "max_k2", getattr(schedule, "k2", None))
 
 
 def _index(out: Path, reports: list[tuple[DemoPart, Path]], seconds: float) -> Path:
@@ -133,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         positive_int(args.seeds, "--seeds")
         if args.jobs is not None:
             positive_int(args.jobs, "--jobs", "worker processes")
+        for text in args.config:
+            Configuration.parse(text)
     except ValueError as exc:
         print_error(exc)
         return 2
@@ -143,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     parts = QUICK if args.quick else PARTS
     for part in parts:
         console.rule(f"{part.task}: {part.note}" if part.note else part.task)
-        comparison = compare(part.task, list(part.configs), args.seeds, epochs=part.epochs,
+        comparison = compare(part.task, list(part.configs) + list(args.config), args.seeds, epochs=part.epochs,
                              task_options=part.task_options, jobs=args.jobs, out=out / part.task, console=console)
         print_comparison(console, comparison)
         if part.task == "echo" and comparison.rows:

@@ -18,8 +18,8 @@ import torch
 
 from .. import distributed as tdist
 from ..checkpoint import CheckpointError
-from ..experiments.runs import OPTIMIZERS
-from ..schedule import TBPTT
+from ..experiments.runs import OPTIMIZERS, Configuration
+from ..schedules import Schedule
 from ..trainer import Trainer
 from ..validate import positive_number
 from .options import add_run_options, check_run_options, load_task, print_error
@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     )
     add_run_options(p)
     p.add_argument("--config", required=True, metavar="K1,K2",
-                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream)")
+                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream); "
+                   "or artbp:K1,MEAN_K2 (random windows, unbiased), or adaptive:K1[@tolerance=0.1,max_k2=200,every=100] "
+                   "(k2 chosen from the measured gradient decay)")
     p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")
@@ -51,11 +53,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, parser=p)
 
 
-def _check(args: argparse.Namespace) -> TBPTT:
+def _check(args: argparse.Namespace) -> Schedule:
     check_run_options(args)
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
-    return TBPTT.parse(args.config)
+    configuration = Configuration.parse(args.config)
+    overrides = [k for k in ("lr", "clip", "strategy") if getattr(configuration, k) is not None]
+    if overrides:
+        raise ValueError(f"--config {args.config!r} overrides {', '.join(overrides)}: train takes them as "
+                         f"{', '.join('--' + k for k in overrides)}")
+    return configuration.schedule
 
 
 def run(args: argparse.Namespace) -> int:

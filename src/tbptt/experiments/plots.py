@@ -154,9 +154,40 @@ def plot_skill_time(rows: Sequence[Row], meta: dict, path: Path) -> Path:
     return _finish(fig, ax, path)
 
 
+def varying_k2(runs: Sequence[Run]) -> list[Run]:
+    """The runs whose updates were given different windows (ARTBP, AdaptiveTBPTT)."""
+    return [r for r in runs if len({k for k in (r.get("update_k2") or []) if k is not None}) > 1]
+
+
+def plot_k2(runs: Sequence[Run], meta: dict, path: Path, smooth: int = 25) -> Path:
+    """The window each update was given, over training (k2 in force for AdaptiveTBPTT; ARTBP's L
+    drawn as a running mean over ``smooth`` recorded updates, its draws as dots), one line per
+    configuration (the median over the seeds)."""
+    fig, ax = _figure()
+    groups = group_runs(varying_k2(runs))
+    strategies = len({s for _, s in groups})
+    for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
+        length = min(len(r["update_k2"]) for r in group)
+        index = np.asarray(group[0].get("update_index") or np.arange(1, length + 1), dtype=float)[:length]
+        k2 = np.nanmedian(np.stack([_nan(r["update_k2"][:length]) for r in group]), axis=0)
+        name = label({"config": config, "strategy": strategy}, strategies)
+        if config.startswith("ARTBP("):
+            ax.plot(index, k2, ".", color=colour, markersize=2, alpha=0.3)
+            kernel = np.ones(min(smooth, len(k2))) / min(smooth, len(k2))
+            ax.plot(index[len(kernel) - 1:], np.convolve(k2, kernel, mode="valid"), color=colour,
+                    label=f"{name} (L drawn, mean of {len(kernel)})")
+        else:
+            ax.step(index, k2, where="post", color=colour, label=name)
+    ax.set_xlabel("update")
+    ax.set_ylabel("window (k2 in force, or L drawn)")
+    ax.set_title(f"{meta.get('task', '')}: the window of each update over training", fontsize=10)
+    return _finish(fig, ax, path)
+
+
 def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Optional[Path]]]:
-    """All four PNGs in ``out``; (caption, path) pairs for the report. A figure that cannot be
-    drawn does not stop the others: its pair is (caption saying why, None)."""
+    """All four PNGs in ``out`` (five when a schedule varied its window: k2 over training); (caption,
+    path) pairs for the report. A figure that cannot be drawn does not stop the others: its pair is
+    (caption saying why, None)."""
     out.mkdir(parents=True, exist_ok=True)
     figures = [
         ("validation curves per configuration, band over seeds", lambda p: plot_curves(runs, meta, p), "curves.png"),
@@ -166,6 +197,9 @@ def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict)
          lambda p: plot_grad_norms(runs, meta, p), "grad_norms.png"),
         ("skill against time", lambda p: plot_skill_time(rows, meta, p), "skill_time.png"),
     ]
+    if varying_k2(runs):
+        figures.append(("the window of each update over training (k2 in force, or ARTBP's L drawn)",
+                        lambda p: plot_k2(runs, meta, p), "k2.png"))
     images: list[tuple[str, Optional[Path]]] = []
     for caption, draw, name in figures:
         try:

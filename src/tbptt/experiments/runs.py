@@ -19,7 +19,7 @@ from ..data import load_task
 from ..diagnostics import grad_norm_summary, roughness
 from ..engine import STRATEGIES
 from ..models import Cell
-from ..schedule import TBPTT
+from ..schedules import SCHEDULE_OPTIONS, Schedule, parse_schedule
 from ..trainer import Trainer
 from ..validate import non_negative_int, one_of, positive_int, positive_number
 
@@ -35,11 +35,12 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 @dataclass(frozen=True)
 class Configuration:
-    """A schedule with optional per-configuration overrides, written ``"K1,K2[@key=value,...]"``
-    (keys: lr, clip, strategy), e.g. ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``,
-    ``"5,20@strategy=stored"``."""
+    """A schedule with optional per-configuration overrides, written ``"SCHEDULE[@key=value,...]"``
+    (keys: lr, clip, strategy; and, for an adaptive schedule, tolerance, min_k2, max_k2, every), e.g.
+    ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``, ``"5,20@strategy=stored"``, ``"artbp:10,30"``,
+    ``"adaptive:10@tolerance=0.05"`` (the schedule as ``tbptt.parse_schedule`` reads it)."""
 
-    schedule: TBPTT
+    schedule: Schedule
     lr: Optional[float] = None
     clip: Optional[float] = None
     strategy: Optional[str] = None
@@ -52,24 +53,27 @@ class Configuration:
 
     @classmethod
     def parse(cls, text: str) -> "Configuration":
-        """Read ``"K1,K2[@key=value,...]"``."""
+        """Read ``"SCHEDULE[@key=value,...]"``."""
         if not isinstance(text, str):
             raise TypeError(f"a configuration must be a string like '10,40' or '20,20@lr=1e3'; got {text!r}")
         body, _, extra = text.partition("@")
-        schedule = TBPTT.parse(body)
         options: dict[str, Any] = {}
+        scheduling: dict[str, str] = {}
         for item in filter(None, (p.strip() for p in extra.split(","))):
             key, sep, value = item.partition("=")
+            if sep and key in SCHEDULE_OPTIONS:
+                scheduling[key] = value
+                continue
             if not sep or key not in _OVERRIDES:
                 raise ValueError(
                     f"bad override {item!r} in configuration {text!r}: expected key=value with key one of "
-                    f"{sorted(_OVERRIDES)}, e.g. '20,20@lr=1e3'"
+                    f"{sorted(_OVERRIDES)} (or, for adaptive:K1, {', '.join(SCHEDULE_OPTIONS)}), e.g. '20,20@lr=1e3'"
                 )
             try:
                 options[key] = _OVERRIDES[key](value)
             except ValueError:
                 raise ValueError(f"bad value for {key} in configuration {text!r}: {value!r}") from None
-        return cls(schedule, **options)
+        return cls(parse_schedule(body, scheduling), **options)
 
     def __str__(self) -> str:
         extras = [f"{k}={getattr(self, k):g}" if k != "strategy" else f"{k}={self.strategy}"
@@ -312,6 +316,7 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
     last = epochs[-1] if epochs else {}
     diverged = history.diverged or not math.isfinite(last.get("valid_loss", math.nan))
     kept_norms, index = _thin(norms, KEEP_UPDATES)
+    k2s = [r.k2 for r in history.updates]
     return dict(
         status="diverged" if diverged else "ok",
         metric_name=task.metric_name, higher_is_better=task.higher_is_better, baseline=task.baseline["valid"],
@@ -337,8 +342,20 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
         grad_norms=kept_norms,
         update_losses=_thin([r.loss for r in history.updates], KEEP_UPDATES)[0],
         update_index=index,
+        # the window each update was given (k2 in force, or ARTBP's L drawn), on the same updates
+        update_k2=[k2s[i - 1] for i in index],
+        mean_k2=_mean_window(k2s),
+        # AdaptiveTBPTT's measurements: CPU seconds and steps run (forward and backward) to measure
+        measure_time=trainer.engine.measure_seconds,
+        measure_steps=trainer.engine.measure_steps,
         **grad_norm_summary(norms),
     )
+
+
+def _mean_window(k2s: list) -> float:
+    """The mean window over the updates (NaN when the windows were the whole stream so far)."""
+    known = [k for k in k2s if k is not None]
+    return sum(known) / len(known) if known else math.nan
 
 
 def estimated_cost(spec: RunSpec, steps: int) -> float:

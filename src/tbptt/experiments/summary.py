@@ -114,6 +114,8 @@ def summarize(
             "forward_steps": _mean(r.get("forward_steps") for r in done),
             "backward_steps": _mean(r.get("backward_steps") for r in done),
             "peak_graph_mb": _mean(r.get("peak_graph_mb") for r in done),
+            "mean_k2": _mean(r.get("mean_k2") for r in done),
+            "measure_time": _mean(r.get("measure_time") for r in done),
             "time_to_target": _mean(reached),
             "reached_target": len(reached),
         })
