@@ -246,3 +246,50 @@ def test_demo_verdict_tells_learning_the_delay_from_beating_chance():
     assert short.startswith("  k2 <= d = 5") and "TBPTT(5,5) 0.210 did not" in short
     assert "TBPTT(12,4) lr=0.1 0.600 learnt, though k2 <= d" in short
     assert "fewer updates" in text and "never links an output to the input 5 steps back" in text
+
+
+def test_schedule_draws_artbp_windows_and_says_why_it_cannot_draw_adaptive_ones(capsys):
+    from tbptt import ARTBP
+    from tbptt.experiments.timeline import drawn_updates
+
+    assert main(["schedule", "artbp:3,6", "--n", "30", "--seed", "1", "--width", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "ARTBP(3,6) (one draw, seed 1) on n=30" in out
+    windows = {u.window for u in drawn_updates(ARTBP(3, 6), 30, seed=1)}
+    assert len(windows) > 2 and min(windows) == 3  # L = k1 + J, J drawn per update
+    assert drawn_updates(ARTBP(3, 6), 30, seed=1) != drawn_updates(ARTBP(3, 6), 30, seed=2)
+    assert main(["schedule", "adaptive:3"]) == 2
+    assert "chooses k2 from the gradients measured in training" in " ".join(capsys.readouterr().err.split())
+    assert main(["schedule", "artbp:3,2"]) == 2
+    assert "mean_k2 must be a number >= k1 = 3" in " ".join(capsys.readouterr().err.split())
+
+
+def test_compare_runs_artbp_and_adaptive_configurations_and_plots_their_windows(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["compare", *TINY_ADDING, "--config", "artbp:2,5", "--config", "adaptive:2@every=4,max_k2=12",
+                 "--seeds", "1", "--epochs", "2", "--jobs", "1", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in data["summary"]}
+    assert set(rows) == {"ARTBP(2,5)", "AdaptiveTBPTT(2,max_k2=12,every=4)"}
+    runs = {r["config"]: r for r in data["runs"]}
+    assert len(set(runs["ARTBP(2,5)"]["update_k2"])) > 2 and 3 < rows["ARTBP(2,5)"]["mean_k2"] < 8
+    adaptive = runs["AdaptiveTBPTT(2,max_k2=12,every=4)"]
+    assert adaptive["update_k2"][0] == 2 and adaptive["measure_steps"] > 0 and adaptive["measure_time"] > 0
+    assert (out / "k2.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
+
+
+@pytest.mark.parametrize("config,message", [
+    ("artbp:10,5", "mean_k2 must be a number >= k1 = 10"),
+    ("adaptive:5@tolerance=2", r"tolerance must be a number in \(0, 1\)"),
+    ("5,5@tolerance=0.1", "belong to an adaptive schedule"),
+    ("adaptive:5@every=x", "bad value for every"),
+])
+def test_bad_schedules_in_a_configuration_are_errors_before_any_work(config, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *TINY_ECHO, "--config", config]) == 2
+    assert re.search(message, " ".join(capsys.readouterr().err.split()))
+    assert main(["demo", "--config", config]) == 2
+    assert re.search(message, " ".join(capsys.readouterr().err.split()))
+    assert not any(tmp_path.iterdir())

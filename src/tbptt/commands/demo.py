@@ -72,7 +72,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", action="append", default=[], metavar="CONFIG",
                    help="also run this configuration on each task, e.g. artbp:10,30 or adaptive:4@tolerance=0.05 "
                    "(repeatable)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 LEARNT = 0.5
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         for text in args.config:
             Configuration.parse(text)
     except ValueError as exc:
-        print_error(exc)
+        print_error(exc, args.parser)
         return 2
     console = Console()
     out = Path(args.out)

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="ARTBP: which draw of its windows to show (default 0)")
     p.add_argument("--width", type=int, default=None,
                    help="terminal columns for the steps (default: fit the terminal)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def _schedule_text(args: argparse.Namespace) -> str:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             positive_int(args.width, "--width", "columns")
         drawn_updates(schedule, 1, args.seed)  # a schedule that cannot be drawn says so here
     except (TypeError, ValueError) as exc:
-        print_error(exc)
+        print_error(exc, args.parser)
         return 2
     console = Console()
     # the row labels ("T=<n> ") take the left of each line
