@@ -19,12 +19,18 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_the_rule_is_the_smallest_window_whose_bias_bound_meets_the_tolerance():
-    s = AdaptiveTBPTT(10, tolerance=0.1, max_k2=200)
-    for growth in (0.3, 0.5, 0.8, 0.9, 0.97):
-        k2 = s.choose(growth)
+    s = AdaptiveTBPTT(10, tolerance=0.1, max_k2=200)  # lags measured 12 steps apart, 0..192
+    assert s.stride == 12
+    for growth in (0.3, 0.5, 0.8, 0.9, 0.97):  # a geometric decay: the share dropped is growth**J
+        k2 = s.choose([growth**j for j in range(0, 193, 12)])
         assert growth ** (k2 - 10) <= 0.1 < growth ** (k2 - 11)
-    assert s.choose(0.999) == 200 and s.choose(1.0) == 200 and s.choose(1.3) == 200  # no decay: the longest
-    assert s.choose(0.0) == 11 and AdaptiveTBPTT(10, min_k2=30).choose(0.1) == 30
+        assert s.dropped_share([growth**j for j in range(0, 193, 12)], k2 - 10) == pytest.approx(growth ** (k2 - 10))
+    assert s.choose([1.0] * 17) == 200 and s.choose([1.1**j for j in range(17)]) == 200  # no decay: the longest
+    # a signal carried 48 steps, then forgotten: the mass, not one rate fitted to it all, sets k2
+    flat = [1.0] * 5 + [0.05 * 0.3**i for i in range(12)]
+    k2 = s.choose(flat)
+    assert 50 < k2 < 70 and s.dropped_share(flat, k2 - 10) <= 0.1 < s.dropped_share(flat, k2 - 11)
+    assert AdaptiveTBPTT(10, min_k2=40).choose([0.1**j for j in range(17)]) == 40
     assert AdaptiveTBPTT(10).lowest == 10 and AdaptiveTBPTT(10, max_k2=26).stride == 1
     assert str(AdaptiveTBPTT(10, tolerance=0.05, every=20)) == "AdaptiveTBPTT(10,tolerance=0.05,every=20)"
     parsed = tbptt.parse_schedule("adaptive:10", {"tolerance": "0.05", "every": "20"})
@@ -44,9 +50,9 @@ def test_a_choice_is_in_force_from_the_first_window_that_begins_after_it():
     plan.count = 1  # no measurement due for a while
     plan.due = 1000
     assert plan.update(8).start == 8
-    plan.observe([1.0, 0.5, 0.25, 0.125], tbptt.Update(8, 8, 12))  # growth 0.5 per 3 steps
+    plan.observe([1.0, 0.5, 0.25, 0.125], tbptt.Update(8, 8, 12))  # halved every 3 steps
     k2 = plan.choices[-1][2]
-    assert k2 == AdaptiveTBPTT(4, max_k2=40).choose(0.5 ** (1 / 3))
+    assert k2 == AdaptiveTBPTT(4, max_k2=40).choose([1.0, 0.5, 0.25, 0.125]) == 14
     for end in range(16, 60, 4):
         expected = k2 if end >= 12 + k2 else 4
         assert plan.update(end - 4).window == min(end, expected), end

@@ -2,15 +2,19 @@
 of backpropagated state gradients (after Aicher, Foti & Fox 2019, "Adaptively truncating
 backpropagation through time to control gradient bias").
 
-Every ``every`` updates the engine measures, for the update at hand, the norm of the gradient of the
-block's loss with respect to the state ``j`` steps before the block, for ``j`` up to
-``max_k2 - k1`` (a window of ``max_k2`` steps, run again at the current weights). A geometric fit
-gives the decay per step, ``beta``. If the gradient reaching the state ``j`` steps back is about
-``C beta**j``, a window that begins ``J = k2 - k1`` steps before the block drops the terms of the
-states ``J, J+1, ...`` steps back, whose share of the total is at most
-``sum_{j >= J} beta**j / sum_{j >= 0} beta**j = beta**J`` (the block's own steps only add to what is
-kept). The new k2 is the smallest with ``beta**(k2 - k1) <= tolerance``, within
-``[min_k2, max_k2]``; ``max_k2`` when the gradient does not decay.
+Every ``every`` updates the engine measures, for the update at hand, ``a_j``: the norm of the
+gradient of the block's loss with respect to the state ``j`` steps before the block, for ``j`` up to
+``max_k2 - k1`` (a window of ``max_k2`` steps, run again at the current weights, the state kept every
+``stride`` steps). A window that begins ``J = k2 - k1`` steps before the block drops the terms of the
+weights' use before it, which reach the loss through the states ``J, J+1, ...`` steps back; each is
+at most ``a_j`` times the size of one step's weight Jacobian, so (for Jacobians of similar size) the
+dropped share of the gradient is at most ``sum_{j >= J} a_j / sum_{j >= 0} a_j`` (the block's own
+steps only add to what is kept). The new k2 is the smallest whose share is at most ``tolerance``,
+within ``[min_k2, max_k2]``. Between measured lags ``a_j`` is interpolated geometrically; beyond the
+last, the decay rate fitted to the last measured lags extends it (``max_k2`` when it does not decay).
+When ``a_j = C beta**j`` (the geometric decay Aicher et al. assume) the share is ``beta**J`` and the
+rule is theirs; when the decay is not geometric (a state that carries a signal for a while and then
+forgets it fast) the measured curve, not one rate fitted to all of it, says where the mass lies.
 
 A window can only begin where the state was kept when that step first ran; so a k2 chosen after
 the update at T is in force from the first update whose window under it begins at or after T (the
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from .decay import geometric_rate
 from .schedule import TBPTT, Update
@@ -38,9 +42,9 @@ class AdaptiveTBPTT:
     gradient over lags up to ``max_k2``, and kept within ``[min_k2, max_k2]`` (``min_k2`` None: k1,
     also the k2 before the first measurement). Aicher, Foti & Fox (2019).
 
-    >>> s = AdaptiveTBPTT(10, tolerance=0.05)
-    >>> str(s), s.choose(0.9)
-    ('AdaptiveTBPTT(10,tolerance=0.05)', 39)
+    >>> s = AdaptiveTBPTT(10, tolerance=0.05, max_k2=42)   # lags measured 2 steps apart
+    >>> str(s), s.choose([0.9 ** j for j in range(0, 33, 2)])   # a decay of 0.9 per step
+    ('AdaptiveTBPTT(10,tolerance=0.05,max_k2=42)', 39)
     """
 
     k1: int
@@ -83,13 +87,26 @@ class AdaptiveTBPTT:
         """Steps before the block a measurement needs (four lags at least, or all of them)."""
         return min(self.max_k2 - self.k1, 3 * self.stride)
 
-    def choose(self, growth: float) -> int:
-        """The k2 for a state gradient that shrinks by ``growth`` per step: the smallest with
-        ``growth**(k2 - k1) <= tolerance``, within ``[lowest, max_k2]``; max_k2 if it does not decay."""
-        if not growth < 1:
-            return self.max_k2
-        lags = 1 if growth <= 0 else max(1, math.ceil(math.log(self.tolerance) / math.log(growth) - 1e-9))
-        return min(self.max_k2, max(self.lowest, self.k1 + lags))
+    def dropped_share(self, norms: Sequence[float], begins: int) -> float:
+        """The share of the gradient's mass that a window beginning ``begins`` steps before the block
+        drops, estimated from ``norms[i]`` (the state gradient's norm ``i * stride`` steps back)."""
+        values, tail, rate = _profile(norms, self.stride)
+        total = sum(values) + tail
+        if not math.isfinite(total):
+            return 1.0
+        if total == 0:
+            return 0.0
+        if begins < len(values):
+            return (sum(values[begins:]) + tail) / total
+        return tail * rate ** (begins - len(values)) / total
+
+    def choose(self, norms: Sequence[float]) -> int:
+        """The smallest k2 whose window drops at most ``tolerance`` of the gradient's mass, within
+        ``[lowest, max_k2]`` (see the module's docstring)."""
+        for begins in range(1, self.max_k2 - self.k1 + 1):
+            if self.dropped_share(norms, begins) <= self.tolerance:
+                return min(self.max_k2, max(self.lowest, self.k1 + begins))
+        return self.max_k2
 
     def __str__(self) -> str:
         defaults = AdaptiveTBPTT(self.k1)
@@ -184,8 +201,8 @@ class AdaptivePlan:
         self.due = self.count + self.schedule.every
         if norms is None or len(norms) < 2:
             return None
-        growth = geometric_rate(norms) ** (1 / self.schedule.stride)
-        k2 = self.schedule.choose(growth)
+        k2 = self.schedule.choose(norms)
+        growth = _profile(norms, self.schedule.stride)[2]
         position = update.stop
         self.choices = [c for c in self.choices if c[1] >= self._holding(position)]
         self.choices.append((position + k2, position, k2))
@@ -204,3 +221,18 @@ class AdaptivePlan:
         self.choices = [tuple(int(v) for v in c) for c in saved["choices"]]  # type: ignore[misc]
         self.count, self.due = int(saved["count"]), int(saved["due"])
         self.measurements = [dict(m) for m in saved["measurements"]]
+
+
+def _profile(norms: Sequence[float], stride: int) -> tuple[list[float], float, float]:
+    """The state gradient's norm at every step back from the block, from its values ``stride`` steps
+    apart (geometric between them), the sum of its extension beyond the last (infinite if it does
+    not decay), and the decay rate per step of that extension (fitted to the last four values)."""
+    values: list[float] = []
+    for a, b in zip(norms[:-1], norms[1:]):
+        for r in range(stride):
+            f = r / stride
+            values.append(a ** (1 - f) * b**f if a > 0 and b > 0 else a * (1 - f) + b * f)
+    values.append(float(norms[-1]))
+    rate = geometric_rate(norms[-4:]) ** (1 / stride)
+    tail = 0.0 if norms[-1] == 0 else (math.inf if rate >= 1 else norms[-1] * rate / (1 - rate))
+    return values, tail, rate
