@@ -13,25 +13,26 @@ from tbptt.adaptive import AdaptiveTBPTT
 from tbptt.engine import StreamEngine
 from tbptt.lagscan import lag_sums, measured_positions
 from _models import make_data, make_model, mse_steps
-from test_fit import Dropout, Kill, KillMidBlock
+from test_artbp import killed_and_resumed
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_the_rule_is_the_smallest_window_whose_bias_bound_meets_the_tolerance():
-    s = AdaptiveTBPTT(10, tolerance=0.1, max_k2=200)  # lags measured 12 steps apart, 0..192
-    assert s.stride == 12
+    s = AdaptiveTBPTT(10, tolerance=0.1, max_k2=200)  # lags measured 24 steps apart, 0..192
+    assert s.stride == 24
+    lags = range(0, 193, 24)
     for growth in (0.3, 0.5, 0.8, 0.9, 0.97):  # a geometric decay: the share dropped is growth**J
-        k2 = s.choose([growth**j for j in range(0, 193, 12)])
+        k2 = s.choose([growth**j for j in lags])
         assert growth ** (k2 - 10) <= 0.1 < growth ** (k2 - 11)
-        assert s.dropped_share([growth**j for j in range(0, 193, 12)], k2 - 10) == pytest.approx(growth ** (k2 - 10))
-    assert s.choose([1.0] * 17) == 200 and s.choose([1.1**j for j in range(17)]) == 200  # no decay: the longest
+        assert s.dropped_share([growth**j for j in lags], k2 - 10) == pytest.approx(growth ** (k2 - 10))
+    assert s.choose([1.0] * 9) == 200 and s.choose([1.1**j for j in range(9)]) == 200  # no decay: the longest
     # a signal carried 48 steps, then forgotten: the mass, not one rate fitted to it all, sets k2
-    flat = [1.0] * 5 + [0.05 * 0.3**i for i in range(12)]
+    flat = [1.0] * 3 + [0.05 * 0.3**i for i in range(6)]
     k2 = s.choose(flat)
     assert 50 < k2 < 70 and s.dropped_share(flat, k2 - 10) <= 0.1 < s.dropped_share(flat, k2 - 11)
-    assert AdaptiveTBPTT(10, min_k2=40).choose([0.1**j for j in range(17)]) == 40
-    assert AdaptiveTBPTT(10).lowest == 10 and AdaptiveTBPTT(10, max_k2=26).stride == 1
+    assert AdaptiveTBPTT(10, min_k2=40).choose([0.1**j for j in range(9)]) == 40
+    assert AdaptiveTBPTT(10).lowest == 10 and AdaptiveTBPTT(10, max_k2=18).stride == 1
     assert str(AdaptiveTBPTT(10, tolerance=0.05, every=20)) == "AdaptiveTBPTT(10,tolerance=0.05,every=20)"
     parsed = tbptt.parse_schedule("adaptive:10", {"tolerance": "0.05", "every": "20"})
     assert parsed == AdaptiveTBPTT(10, tolerance=0.05, every=20) == tbptt.parse_schedule(str(parsed))
@@ -50,9 +51,9 @@ def test_a_choice_is_in_force_from_the_first_window_that_begins_after_it():
     plan.count = 1  # no measurement due for a while
     plan.due = 1000
     assert plan.update(8).start == 8
-    plan.observe([1.0, 0.5, 0.25, 0.125], tbptt.Update(8, 8, 12))  # halved every 3 steps
+    plan.observe([1.0, 0.5, 0.25, 0.125], tbptt.Update(8, 8, 12))  # halved every 5 steps (the stride)
     k2 = plan.choices[-1][2]
-    assert k2 == AdaptiveTBPTT(4, max_k2=40).choose([1.0, 0.5, 0.25, 0.125]) == 14
+    assert k2 == AdaptiveTBPTT(4, max_k2=40).choose([1.0, 0.5, 0.25, 0.125]) == 21
     for end in range(16, 60, 4):
         expected = k2 if end >= 12 + k2 else 4
         assert plan.update(end - 4).window == min(end, expected), end
@@ -205,24 +206,9 @@ def test_the_chosen_k2_grows_with_the_gradients_memory():
 
 
 def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path):
-    x, y = make_data(1, 3, 60)
-    k1 = 3
-
-    def run(kill_at=None, resume=False, path=tmp_path / "run.pt"):
-        torch.manual_seed(5)
-        model = Dropout().double()
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
-        trainer = tbptt.Trainer(model, mse_steps, opt, AdaptiveTBPTT(k1, max_k2=30, every=3), strategy="stored")
-        callbacks = [KillMidBlock(kill_at, path, k1)] if kill_at else []
-        history = trainer.fit((x, y), epochs=3, valid=(x, y), segment_length=k1 + 1, callbacks=callbacks,
-                              checkpoint=path, checkpoint_every=2, resume=resume)
-        return model, history, trainer
-
-    whole, h_whole, t_whole = run(path=tmp_path / "whole.pt")
-    with pytest.raises(Kill):
-        run(kill_at=len(h_whole.updates) // 2 + 1)
-    resumed, h_resumed, t_resumed = run(resume=True)
-    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
+    """The choices and the measurement count travel in the checkpoint: bit for bit (stored strategy)."""
+    (_, h_whole, t_whole), (_, h_resumed, t_resumed), saved = killed_and_resumed(
+        tmp_path, AdaptiveTBPTT(3, max_k2=30, every=3), "stored")
+    assert saved["plan"]["measurements"]
     assert [(r.k2, r.loss) for r in h_whole.updates] == [(r.k2, r.loss) for r in h_resumed.updates]
     assert t_whole.engine.plan.measurements == t_resumed.engine.plan.measurements

@@ -77,7 +77,7 @@ def engine_updates(model, x, y, schedule, seed, mask=None, resets=None, pieces=(
     return results
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(kind=hs.sampled_from(["lstm", "grucell", "dict"]), n=hs.integers(1, 14), k1=hs.integers(1, 5),
        extra=hs.floats(0, 6), batch=hs.integers(1, 3), seed=hs.integers(0, 10_000), flags=hs.booleans(),
        cut=hs.integers(1, 13))
@@ -241,7 +241,7 @@ def test_mean_k2_equal_to_k1_is_tbptt_k_k():
             assert torch.equal(ga[n], gb[n])
 
 
-def test_draws_come_from_torch_seed_and_records_say_the_window():
+def test_draws_come_from_torch_seed_and_records_say_the_window(tmp_path):
     model = make_model("lstm", 0)
     x, y = make_data(0, 2, 40)
 
@@ -256,6 +256,9 @@ def test_draws_come_from_torch_seed_and_records_say_the_window():
     assert all(r.k2 == 4 + r.loss_start - r.start for r in a)
     assert len({r.k2 for r in a}) > 2
     assert tbptt.History(updates=a).k2() == [r.k2 for r in a]
+    from tbptt.experiments import plot_history_k2
+
+    assert plot_history_k2(tbptt.History(updates=a), tmp_path / "k2.png", "ARTBP(4,12)").read_bytes()[:4] == b"\x89PNG"
     del model
 
 
@@ -291,27 +294,35 @@ def test_training_equals_a_naive_loop_with_the_same_windows(pieces):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path):
-    """The generator's state and the window starts already drawn travel in the checkpoint: a run
-    killed mid-block and resumed draws the same windows and ends with the same weights, bit for bit."""
-    x, y = make_data(1, 3, 60)
-    k1 = 3
+def killed_and_resumed(tmp_path, schedule, strategy="recompute", steps=60):
+    """The same fit (dropout, checkpoints every 2 updates, calls of k1 + 1 steps) uninterrupted, and
+    killed past a mid-block checkpoint then resumed: (model, history, trainer) of each."""
+    x, y = make_data(1, 3, steps)
+    k1 = schedule.k1
 
     def run(kill_at=None, resume=False, path=tmp_path / "run.pt"):
         torch.manual_seed(5)
         model = Dropout().double()
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
-        trainer = tbptt.Trainer(model, mse_steps, opt, ARTBP(k1, 9))
+        trainer = tbptt.Trainer(model, mse_steps, opt, schedule, strategy=strategy)
         callbacks = [KillMidBlock(kill_at, path, k1)] if kill_at else []
         history = trainer.fit((x, y), epochs=3, valid=(x, y), segment_length=k1 + 1, callbacks=callbacks,
                               checkpoint=path, checkpoint_every=2, resume=resume)
-        return model, history
+        return model, history, trainer
 
-    whole, h_whole = run(path=tmp_path / "whole.pt")
+    whole = run(path=tmp_path / "whole.pt")
     with pytest.raises(Kill):
-        run(kill_at=len(h_whole.updates) // 2 + 1)
-    assert "generator" in tbptt.checkpoint.load(tmp_path / "run.pt")["engine"]["plan"]
-    resumed, h_resumed = run(resume=True)
-    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        run(kill_at=len(whole[1].updates) // 2 + 1)
+    saved = tbptt.checkpoint.load(tmp_path / "run.pt")["engine"]["plan"]
+    resumed = run(resume=True)
+    for a, b in zip(whole[0].state_dict().values(), resumed[0].state_dict().values()):
         assert torch.equal(a, b)
+    return whole, resumed, saved
+
+
+def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path):
+    """The generator's state and the window starts already drawn travel in the checkpoint: a run
+    killed mid-block and resumed draws the same windows and ends with the same weights, bit for bit."""
+    (_, h_whole, _), (_, h_resumed, _), saved = killed_and_resumed(tmp_path, ARTBP(3, 9))
+    assert "generator" in saved
     assert [(r.start, r.loss) for r in h_whole.updates] == [(r.start, r.loss) for r in h_resumed.updates]

@@ -149,12 +149,11 @@ def plot_training(runs: list[dict], path: Path) -> None:
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for run in runs:
         steps = [i * run["chunk"] for i in range(len(run["thetas"]))]
-        left.plot(steps, run["thetas"], label=run["schedule"])
-    left.axhline(THETA_STAR, color="black", linestyle="--", linewidth=1, label="theta* = -1/6")
-    left.set_yscale("symlog", linthresh=0.1)
+        left.plot(steps, [max(abs(t - THETA_STAR), 1e-16) for t in run["thetas"]], label=run["schedule"])
+    left.set_yscale("log")
     left.set_xlabel("stream step")
-    left.set_ylabel("theta")
-    left.set_title("theta over training (SGD)", fontsize=10)
+    left.set_ylabel("|theta - theta*|, theta* = -1/6")
+    left.set_title("distance to the optimum over training (SGD, lr 1e-3)", fontsize=10)
     left.legend(fontsize=8)
     for run in runs:
         if run["schedule"].startswith(("ARTBP", "Adaptive")):
@@ -222,6 +221,7 @@ def main() -> None:
                      "measure_share": runs[3]["measure_cpu"] / runs[3]["cpu"]},
         "artbp_spread": spreads,
         "artbp_final_theta": outcomes,
+        "runs": runs,
     }
     (out / "influence-balancing.json").write_text(json.dumps(summary, indent=1))
     for r in runs:

@@ -32,7 +32,7 @@ from .decay import geometric_rate
 from .schedule import TBPTT, Update
 from .validate import InvalidArgument, fraction, positive_int
 
-_POINTS = 16  # lags measured per measurement, at most (plus the block's start)
+_POINTS = 8  # lags measured per measurement, at most (plus the block's start): one model call each
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class AdaptiveTBPTT:
     gradient over lags up to ``max_k2``, and kept within ``[min_k2, max_k2]`` (``min_k2`` None: k1,
     also the k2 before the first measurement). Aicher, Foti & Fox (2019).
 
-    >>> s = AdaptiveTBPTT(10, tolerance=0.05, max_k2=42)   # lags measured 2 steps apart
-    >>> str(s), s.choose([0.9 ** j for j in range(0, 33, 2)])   # a decay of 0.9 per step
+    >>> s = AdaptiveTBPTT(10, tolerance=0.05, max_k2=42)   # lags measured 4 steps apart
+    >>> str(s), s.choose([0.9 ** j for j in range(0, 33, 4)])   # a decay of 0.9 per step
     ('AdaptiveTBPTT(10,tolerance=0.05,max_k2=42)', 39)
     """
 
@@ -84,7 +84,8 @@ class AdaptiveTBPTT:
 
     @property
     def history(self) -> int:
-        """Steps before the block a measurement needs (four lags at least, or all of them)."""
+        """Steps before the block the first measurement of a run needs (four lags measured at least,
+        or all of them); later ones wait for as many as the longest stream so far had."""
         return min(self.max_k2 - self.k1, 3 * self.stride)
 
     def dropped_share(self, norms: Sequence[float], begins: int) -> float:
@@ -134,10 +135,13 @@ class AdaptivePlan:
         self.choices: list[tuple[int, int, int]] = [(0, -1, schedule.lowest)]
         self.count = 0  # updates made, over every stream
         self.due = 0  # the update count from which the next measurement is due
+        self.seen = 0  # the longest stream that ended so far, in steps
         self.measurements: list[dict] = []
 
-    def reset(self) -> None:
+    def reset(self, ended_at: int = 0) -> None:
+        """A stream ended after ``ended_at`` steps: the latest choice holds at once in the next."""
         self.choices = [(0, -1, self.k2_at(math.inf))]
+        self.seen = max(self.seen, ended_at)
 
     def k2_at(self, position: float) -> int:
         """The k2 in force for the update at ``position``."""
@@ -178,11 +182,13 @@ class AdaptivePlan:
     # ------------------------------------------------------------------------------------------
     def measuring_block(self, previous: int) -> int:
         """The start of the block, from ``previous`` on, whose update is measured next (if the
-        stream goes on): the first with the measurement due and enough steps before it."""
-        k = self.schedule.k1
+        stream goes on): the first with the measurement due and enough steps before it, which is all
+        ``max_k2 - k1`` lags or, when streams are shorter, as many as the longest so far allowed
+        (until a stream has ended: ``history``)."""
+        k, lags = self.schedule.k1, self.schedule.max_k2 - self.schedule.k1
         due = previous + max(0, self.due - self.count) * k
-        history = math.ceil(self.schedule.history / k) * k
-        return max(due, history)
+        needed = min(lags, (self.seen - 1) // k * k) if self.seen else self.schedule.history
+        return max(due, math.ceil(needed / k) * k)
 
     def measurement_start(self, block: int) -> int:
         """Where the measurement of the update closing ``block`` begins: ``max_k2`` steps before it ends."""
@@ -215,11 +221,11 @@ class AdaptivePlan:
 
     def state_dict(self) -> dict:
         return {"choices": [list(c) for c in self.choices], "count": self.count, "due": self.due,
-                "measurements": [dict(m) for m in self.measurements]}
+                "seen": self.seen, "measurements": [dict(m) for m in self.measurements]}
 
     def load_state_dict(self, saved: dict) -> None:
         self.choices = [tuple(int(v) for v in c) for c in saved["choices"]]  # type: ignore[misc]
-        self.count, self.due = int(saved["count"]), int(saved["due"])
+        self.count, self.due, self.seen = int(saved["count"]), int(saved["due"]), int(saved["seen"])
         self.measurements = [dict(m) for m in saved["measurements"]]
 
 

@@ -120,7 +120,7 @@ class ARTBPPlan:
         self.schedule, self.uniform = schedule, uniform
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, ended_at: int = 0) -> None:
         self.starts: dict[int, int] = {}  # an update's block start P -> its window's start
         self.drawn = -1  # the start of the last block whose window starts were drawn
 

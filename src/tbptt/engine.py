@@ -130,6 +130,7 @@ class StreamEngine:
     # ------------------------------------------------------------------------------------------
     def reset(self, initial_state: st.State = None) -> None:
         """End the streams without an update: the next feed starts a fresh stream."""
+        self.plan.reset(getattr(self, "position", 0))
         self.position = 0  # steps received
         self.previous = 0  # P: where the open block starts
         self._states: dict[int, st.State] = {0: initial_state}
@@ -137,7 +138,6 @@ class StreamEngine:
         self._segments: list[Segment] = []
         self._batch_size: Optional[int] = None
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
-        self.plan.reset()
 
     @property
     def state(self) -> st.State:

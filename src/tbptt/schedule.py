@@ -218,8 +218,8 @@ class Plan(Protocol):
     def closed(self, update: Update) -> None:
         """The update was made."""
 
-    def reset(self) -> None:
-        """The streams ended; the next block starts a new stream at 0."""
+    def reset(self, ended_at: int = 0) -> None:
+        """The streams ended after ``ended_at`` steps; the next block starts a new stream at 0."""
 
     def state_dict(self) -> dict:
         """What the draws and decisions so far are, as plain data."""
@@ -254,7 +254,7 @@ class FixedPlan:
     def closed(self, update: Update) -> None:
         pass
 
-    def reset(self) -> None:
+    def reset(self, ended_at: int = 0) -> None:
         pass
 
     def state_dict(self) -> dict:

@@ -1,5 +1,6 @@
 """Experiments: draw schedules, compare configurations on a task, write reports."""
 
+from .plots import plot_history_k2
 from .runs import Configuration, RunSpec, run_one
 from .summary import summarize
 from .sweep import Comparison, compare
@@ -15,4 +16,5 @@ __all__ = [
     "schedule_grid",
     "render_timeline",
     "plot_schedule",
+    "plot_history_k2",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -164,7 +164,7 @@ def plot_k2(runs: Sequence[Run], meta: dict, path: Path, smooth: int = 25) -> Pa
     drawn as a running mean over ``smooth`` recorded updates, its draws as dots), one line per
     configuration (the median over the seeds)."""
     fig, ax = _figure()
-    groups = group_runs(varying_k2(runs))
+    groups = group_runs(varying_k2(runs) or list(runs))
     strategies = len({s for _, s in groups})
     for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
         length = min(len(r["update_k2"]) for r in group)
@@ -182,6 +182,13 @@ def plot_k2(runs: Sequence[Run], meta: dict, path: Path, smooth: int = 25) -> Pa
     ax.set_ylabel("window (k2 in force, or L drawn)")
     ax.set_title(f"{meta.get('task', '')}: the window of each update over training", fontsize=10)
     return _finish(fig, ax, path)
+
+
+def plot_history_k2(history: Any, path: Path, name: str = "", task: str = "") -> Path:
+    """``plot_k2`` for one ``History`` (``Trainer.fit``'s): the window of each update over training."""
+    k2 = history.k2()
+    run = {"config": name or "run", "strategy": "", "update_k2": k2, "update_index": list(range(1, len(k2) + 1))}
+    return plot_k2([run], {"task": task}, path)
 
 
 def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Optional[Path]]]:
