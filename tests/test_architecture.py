@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contract", ("contract", "steps")),
     ("models", ("models",)),
     ("data", ("data",)),
-    ("engine", ("stream_state", "stored", "checkpointing", "compensation", "lagscan", "engine")),
+    ("engine", ("stream_state", "stored", "checkpointing", "compensation", "lagscan", "engine", "gradients")),
     ("model check", ("modelcheck",)),
     ("trainer", ("records", "checkpoint", "fit", "trainer")),
     ("diagnostics", ("diagnostics",)),

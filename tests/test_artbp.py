@@ -17,7 +17,8 @@ from torch.func import functional_call
 
 import tbptt
 from tbptt.artbp import ARTBP
-from tbptt.engine import StreamEngine, uniforms
+from tbptt.compensation import uniforms
+from tbptt.engine import StreamEngine
 from _models import make_data, make_model, mse_steps
 from test_fit import Dropout, Kill, KillMidBlock
 

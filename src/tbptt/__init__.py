@@ -20,7 +20,8 @@ from .data import (
 )
 from .diagnostics import LagProfile, gradient_vs_lag, recommend_k2
 from .distributed import DistributedError, DistributedTrainer, init_from_env
-from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
+from .engine import STRATEGIES, StreamEngine, UpdateResult
+from .gradients import truncated_gradients
 from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import RecurrentNet

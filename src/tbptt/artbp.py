@@ -108,7 +108,7 @@ class ARTBP:
             reach = q * (1 - q ** previous) / (1 - q) if q > 0 else 0.0
             mean.append(Update(previous - round(reach), previous, min(n, previous + k)))
         cost = updates_cost(mean, n)
-        cost["max_window"] = min(n, max(0, n - 1) // k * k + k) if q > 0 else min(n, k)
+        cost["max_window"] = n if q > 0 else min(n, k)  # a window may reach the stream's start
         return cost
 
 

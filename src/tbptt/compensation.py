@@ -53,3 +53,8 @@ def run_compensated(
         state = scale_gradient(state, factor)
         outputs.append(out)
     return torch.cat(outputs, dim=1), state
+
+
+def uniforms(generator: torch.Generator) -> Callable[[], float]:
+    """Independent uniform draws in (0, 1] from ``generator`` (ARTBP's, which the engine owns)."""
+    return lambda: 1.0 - float(torch.rand((), generator=generator, dtype=torch.float64))

@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 from . import state as st
-from .adaptive import AdaptiveTBPTT, AdaptivePlan
+from .adaptive import AdaptivePlan
 from .artbp import ARTBP
 from .checkpointing import Segments, check_segments, checkpointed_call, segment_cuts
-from .compensation import run_compensated
+from .compensation import run_compensated, uniforms
 from .contract import LossFn, call_model, masked_sum, step_losses
-from .lagscan import lag_sums, measured_positions
+from .lagscan import measured_curve
 from .schedule import Update
-from .schedules import Schedule, check_schedule
+from .schedules import Schedule, check_schedule, reaches_earlier_blocks
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
 from .stream_state import StreamState
@@ -63,11 +63,6 @@ class UpdateResult:
     grads: dict[str, Optional[torch.Tensor]]
     valid_steps: torch.Tensor
     k2: Optional[int] = None
-
-
-def uniforms(generator: torch.Generator) -> Callable[[], float]:
-    """Independent uniform draws in (0, 1] from ``generator``."""
-    return lambda: 1.0 - float(torch.rand((), generator=generator, dtype=torch.float64))
 
 
 class StreamEngine:
@@ -107,7 +102,7 @@ class StreamEngine:
         self.schedule = schedule
         self.strategy = strategy
         # stored activations only matter when windows reach into earlier blocks
-        self._overlapping = strategy == "stored" and _reaches_earlier_blocks(schedule)
+        self._overlapping = strategy == "stored" and reaches_earlier_blocks(schedule)
         if self._overlapping and checkpoint_segments is not None:
             raise ValueError(
                 f"checkpoint_segments={checkpoint_segments!r} recomputes activations, which {schedule} with "
@@ -367,10 +362,6 @@ class StreamEngine:
             return
         started = time.process_time()
         block, stop = update.loss_start, update.stop
-        positions = measured_positions(start, block, plan.schedule.stride)
-        if self._states[start] is None:  # a fresh stream's start: no state to measure there
-            positions = [p for p in positions if p > start]
-        cuts = self._cuts(start, stop, *positions)
         errors = self._steps.slice(block, stop)
 
         def run(a: int, b: int, state: st.State) -> tuple[torch.Tensor, st.State]:
@@ -380,13 +371,8 @@ class StreamEngine:
             losses = step_losses(self.loss_fn, outputs[:, block - start :], errors.targets, errors.mask)
             return masked_sum(losses, errors.mask)[0]
 
-        with torch.enable_grad():
-            sums = lag_sums(run, block_loss, cuts, positions, self._states[start], self._batch_size or 1)
-        curve = None
-        if sums is not None:
-            rows = torch.tensor([float(self._batch_size or 1)], dtype=torch.float64)
-            combined = self.combine(torch.cat([sums, rows]))
-            curve = (combined[:-1] / combined[-1]).tolist()
+        curve = measured_curve(run, block_loss, lambda positions: self._cuts(start, stop, *positions), start, block,
+                               plan.schedule.stride, self._states[start], self._batch_size or 1, self.combine)
         plan.observe(curve, update)
         self.measure_steps += stop - start
         self.measure_seconds += time.process_time() - started
@@ -433,41 +419,3 @@ class StreamEngine:
             raise RuntimeError(f"internal: no stored segment starts at window start {update.start}")
         loss, count, grads = window_gradient(window, update.loss_start, [n for n, _ in named])
         return UpdateResult(update, loss.detach(), grads, count)
-
-
-def _reaches_earlier_blocks(schedule: Schedule) -> bool:
-    """Whether a window of ``schedule`` can begin before its block (stored activations then matter)."""
-    if isinstance(schedule, (ARTBP, AdaptiveTBPTT)):
-        return True
-    return schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
-
-
-def truncated_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    schedule: Schedule,
-    state: st.State = None,
-    mask: Optional[torch.Tensor] = None,
-    resets: Optional[torch.Tensor] = None,
-    reset_fn: Optional[ResetFn] = None,
-    checkpoint_segments: Segments = None,
-    generator: Optional[torch.Generator] = None,
-) -> list[dict[str, torch.Tensor]]:
-    """The gradient of every update of ``schedule`` on one stream, all at the model's current weights.
-
-    Returns one ``{parameter_name: gradient}`` per update (for TBPTT, those of
-    ``schedule.updates(T)``), in order (zeros for a parameter the update's loss does not reach).
-    Neither the weights nor their ``.grad`` are changed. ``state`` is the state entering step 0
-    (None: the model's own start); ``mask``/``resets`` as in ``StreamEngine.feed``;
-    ``checkpoint_segments`` trades memory for time; ``generator`` draws ARTBP's windows (default:
-    one seeded from torch's random generator).
-    """
-    engine = StreamEngine(model, loss_fn, schedule, "recompute", reset_fn, checkpoint_segments, generator)
-    engine.reset(initial_state=state)
-    params = dict(engine.named_parameters())
-    out = []
-    for result in engine.feed(inputs, targets, mask, end_of_stream=True, resets=resets):
-        out.append({n: torch.zeros_like(params[n]) if g is None else g for n, g in result.grads.items()})
-    return out

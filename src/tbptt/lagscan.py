@@ -60,3 +60,28 @@ def lag_sums(
         sums[i] = st.row_norms_squared(grads[offset : offset + len(group)], group, batch).sqrt().sum()
         offset += len(group)
     return sums
+
+
+def measured_curve(
+    run: Run,
+    block_loss: Callable[[torch.Tensor], torch.Tensor],
+    cuts_for: Callable[[list[int]], list[int]],
+    start: int,
+    block: int,
+    stride: int,
+    entering: st.State,
+    batch: int,
+    combine: Callable[[torch.Tensor], torch.Tensor],
+) -> Optional[list[float]]:
+    """The mean over the rows (of every process, through ``combine``, which sums) of the state
+    gradient's norm at ``block, block - stride, ...`` down to ``start`` (not at ``start`` when the
+    state there is None, a fresh stream's); ``cuts_for(positions)``: the model calls' boundaries."""
+    positions = measured_positions(start, block, stride)
+    if entering is None:
+        positions = [p for p in positions if p > start]
+    with torch.enable_grad():
+        sums = lag_sums(run, block_loss, cuts_for(positions), positions, entering, batch)
+    if sums is None:
+        return None
+    combined = combine(torch.cat([sums, torch.tensor([float(batch)], dtype=torch.float64)]))
+    return (combined[:-1] / combined[-1]).tolist()

@@ -33,6 +33,13 @@ def check_schedule(value: object) -> Schedule:
     return value  # type: ignore[return-value]
 
 
+def reaches_earlier_blocks(schedule: Schedule) -> bool:
+    """Whether a window of ``schedule`` can begin before its block (stored activations then matter)."""
+    if isinstance(schedule, (ARTBP, AdaptiveTBPTT)):
+        return True
+    return schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
+
+
 def _split(body: str, prefix: str) -> Optional[str]:
     """The arguments of ``prefix:ARGS`` or ``Name(ARGS)`` (case-insensitive), else None."""
     lower = body.lower()

@@ -22,7 +22,7 @@ import torch
 
 from ..adaptive import AdaptiveTBPTT
 from ..artbp import ARTBP
-from ..engine import uniforms
+from ..compensation import uniforms
 from ..schedule import Update, updates_cost
 from ..schedules import Schedule, check_schedule
 from ..validate import non_negative_int, positive_int
@@ -143,7 +143,10 @@ def cost_table(schedule: Schedule, n: int, seed: int = 0) -> Any:
     table.add_column("steps", justify="right")
     table.add_column("meaning")
     table.add_row("updates", str(cost["updates"]), "optimizer steps")
-    table.add_row("forward (stored)", str(cost["forward_stored"]), "each step run once")
+    if isinstance(schedule, ARTBP):
+        table.add_row("forward (stored)", "-", "ARTBP runs with recompute only")
+    else:
+        table.add_row("forward (stored)", str(cost["forward_stored"]), "each step run once")
     table.add_row("forward (recompute)", str(cost["forward_recompute"]), "each window run at current weights")
     table.add_row("backward", str(cost["backward"]), "steps backpropagated, all updates")
     table.add_row("memory", str(cost["max_window"]), "activations held at once (longest window)")
