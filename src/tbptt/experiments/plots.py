@@ -178,6 +178,9 @@ def plot_k2(runs: Sequence[Run], meta: dict, path: Path, smooth: int = 25) -> Pa
                     label=f"{name} (L drawn, mean of {len(kernel)})")
         else:
             ax.step(index, k2, where="post", color=colour, label=name)
+    dependency = meta.get("dependency")
+    if dependency:  # a window must reach this far back for the task's signal (echo: the delay d)
+        ax.axhline(dependency, color="black", linestyle="--", linewidth=1, label=f"task's dependency = {dependency}")
     ax.set_xlabel("update")
     ax.set_ylabel("window (k2 in force, or L drawn)")
     ax.set_title(f"{meta.get('task', '')}: the window of each update over training", fontsize=10)
