@@ -11,13 +11,21 @@ import math
 import pytest
 import torch
 
-from tbptt import TBPTT
-from tbptt import bench
-from tbptt.bench.jobs import Job, Workload, cell_recipe_job, detach_loop_job, trainer_job
+from tbptt import TBPTT, bench
+from tbptt.bench.config import Row, Target
+from tbptt.bench.jobs import (
+    Job,
+    cell_recipe_job,
+    detach_loop_job,
+    recompute_loop_job,
+    trainer_job,
+)
+from tbptt.bench.workloads import WordLMWorkload, Workload
 from tbptt.cli import main
 
 TINY = bench.quick_config(batch=3, inputs=3, hidden=5, outputs=2, n=40, k=8, k1=4, k2=12, long_n=40,
-                          memory_ns=(24, 72), memory_k2s=(8, 16), repeats=1, warmup=0)
+                          memory_ns=(24, 72), memory_k2s=(8, 16), repeats=2, warmup=0, wordlm_vocab=50,
+                          wordlm_updates=2, small_n=20, grid_hidden=(5,), grid_k1=(2,), grid_mult=(2, 4), grid_n=24)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,9 @@ def test_memory_rows_measure_bytes(result: bench.BenchResult) -> None:
 
 def test_markdown_and_json(result: bench.BenchResult) -> None:
     text = bench.format_markdown(result)
-    assert text.count("\n| ") == len(result.rows) + 1  # header and one line per row
+    grid = [r for r in result.rows if r.group == "grid"]
+    # header and one line per row; the grid: its header and one line per configuration (three rows each)
+    assert text.count("\n| ") == len(result.rows) - len(grid) + 1 + 1 + len(grid) // 3
     assert "torch" in text and "B=3" in text
     back = json.loads(json.dumps(result.as_dict()))
     assert len(back["rows"]) == len(result.rows) and back["config"]["hidden"] == 5
@@ -93,6 +103,37 @@ def test_cell_recipe_trains_like_recompute(k1: int, k2: int) -> None:
     theirs = _trained(cell_recipe_job(work, k1, k2))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [TBPTT(1, 5), TBPTT(3, 7), TBPTT(1, None), TBPTT(2, 4)])
+def test_hand_written_recompute_loop_trains_like_recompute(schedule: TBPTT) -> None:
+    work = Workload(3, 3, 5, 2, n=23, lr=0.1)
+    ours = _trained(trainer_job(work, schedule, "recompute"))
+    theirs = _trained(recompute_loop_job(work, schedule))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_word_lm_loop_trains_like_the_trainer() -> None:
+    # dropout draws the same masks on both sides: one model call per chunk, in the same order
+    work = WordLMWorkload(batch=3, vocab=40, embedding=6, hidden=5, n=70)
+    torch.manual_seed(1)
+    ours = _trained(trainer_job(work, TBPTT(35, 35)))
+    torch.manual_seed(1)
+    theirs = _trained(detach_loop_job(work, 35))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_whose_spread_straddles_its_target_is_noisy_not_a_miss() -> None:
+    target = Target("<=", 1.05, "<= 1.05")
+    noisy = Row("a", "b", ours_s=1.1, reference_s=1.0, ours_runs=[1.0, 1.1, 1.3], reference_runs=[1.0, 1.0, 1.0],
+                target=target).finish()
+    missed = Row("a", "b", ours_s=1.2, reference_s=1.0, ours_runs=[1.1, 1.2, 1.3], reference_runs=[1.0, 1.0, 1.0],
+                 target=target).finish()
+    met = Row("a", "b", ours_s=1.0, reference_s=1.0, ours_runs=[1.0], reference_runs=[1.0], target=target).finish()
+    assert (noisy.verdict, missed.verdict, met.verdict) == ("noisy", "no", "yes")
+    assert noisy.spread == (1.0, 1.3)
 
 
 def test_bad_configurations_are_rejected() -> None:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tbptt.data import StandardScaler, load_co2, load_sunspots, load_task
-from tbptt.data import datasets
+from tbptt.data import StandardScaler, datasets, load_co2, load_sunspots, load_task
 
 
 def rows_concatenated(values: torch.Tensor, total: int) -> torch.Tensor:

@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as hs
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
-from tbptt.data import Split, forecasting_pairs, packed_streams, padded_batch, stateful_streams
+from tbptt.data import (
+    Split,
+    forecasting_pairs,
+    packed_streams,
+    padded_batch,
+    stateful_streams,
+)
 
 
 def valid_steps_of_rows(split: Split, field: str = "inputs") -> torch.Tensor:

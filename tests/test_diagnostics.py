@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from _models import GRUCellLoop, LSTMHead
 from torch import nn
 
-from tbptt import TBPTT, diagnostics as dg, truncated_gradients
-from _models import LSTMHead, GRUCellLoop
+from tbptt import TBPTT, truncated_gradients
+from tbptt import diagnostics as dg
 
 
 class LinearRNN(nn.Module):

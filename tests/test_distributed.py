@@ -6,19 +6,18 @@ configuration, checkpoint, resume, and finally rank 1 dies, all written to files
 
 import os
 import shutil
-import socket
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _models import make_data, make_model, mse_steps
+from _ranks import free_port, run_ranks
 
 import tbptt
 from tbptt import distributed as tdist
 from tbptt.engine import StreamEngine
-from _models import make_data, make_model, mse_steps
 
 CONFIGS = [(4, 4, "recompute"), (4, 4, "stored"), (3, 8, "recompute"), (3, 8, "stored")]
 # schedules that draw or choose their windows: every rank must give every update the same one
@@ -175,12 +174,6 @@ def ranks(rank, port, out):
     torch.save({"error": message, "seconds": time.perf_counter() - started}, f"{out}/failure.pt")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
@@ -190,16 +183,7 @@ def job(tmp_path_factory):
               callbacks=[KillAfter(5, out / "single.pt", 3)])
     except Kill:
         pass
-    context = mp.start_processes(ranks, args=(free_port(), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 150
-    for p in context.processes:
-        p.join(max(0.1, deadline - time.monotonic()))
-    alive = [p for p in context.processes if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "the ranks hung"
-    return out, [p.exitcode for p in context.processes]
+    return out, run_ranks(ranks, (free_port(), str(out)), WORLD, 150, "spawn")
 
 
 def results(job, rank=0):

@@ -1,10 +1,11 @@
 """truncated_gradients against a brute-force oracle: step-by-step runs, float64, to 1e-9."""
 
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as hs
+from _models import make_data, make_model, mse_steps, oracle_updates
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 import tbptt
-from _models import make_data, make_model, mse_steps, oracle_updates
 
 ks = hs.one_of(hs.none(), hs.integers(1, 7))
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from _models import make_data, make_model, mse_steps
 
 import tbptt
-from _models import make_data, make_model, mse_steps
 
 
 def trainer_for(model=None, schedule=None, **kw):

@@ -10,12 +10,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as hs
+from _models import oracle_updates
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from tbptt import TBPTT
 from tbptt.diagnostics import grad_norm_summary, roughness
-from tbptt.experiments import plots, report, runs as runs_module, summary, sweep, timeline
-from _models import oracle_updates
+from tbptt.experiments import plots, report, summary, sweep, timeline
+from tbptt.experiments import runs as runs_module
 
 GLYPH_KIND = {"·": timeline.OUTSIDE, "─": timeline.ADVANCE, "░": timeline.WINDOW, "█": timeline.ERROR}
 
@@ -201,7 +203,7 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
     ("clip", -1.0, "clip must be a positive number or None"),
     ("clip", 0.0, "clip must be a positive number or None"),
     ("hidden", 0, "hidden must be a positive int"),
-    ("cell", "transformer", "cell must be one of"),
+    ("model", "transformer", "model must be one of .*path/to/file.py:factory"),
     ("segment_length", 0, "segment_length must be a positive int"),
     ("max_seconds", -1.0, "max_seconds must be a positive number"),
     ("max_seconds", float("nan"), "max_seconds must be a positive number"),

@@ -6,11 +6,11 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from _models import make_data, make_model, mse_steps
+from test_trainer import SavedBytes
 
 import tbptt
 from tbptt import checkpoint as ckpt
-from _models import make_data, make_model, mse_steps
-from test_trainer import SavedBytes
 
 
 class Kill(Exception):

@@ -8,7 +8,12 @@ import stat
 import numpy as np
 import pytest
 
-from tbptt.files import atomic_write, atomic_write_text, check_writable, leftover_temporaries
+from tbptt.files import (
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    leftover_temporaries,
+)
 from tbptt.records import History, NonFiniteError, UpdateRecord
 from tbptt.validate import (
     InvalidArgument,

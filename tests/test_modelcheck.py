@@ -4,10 +4,10 @@ broken in one known way: every test asserts the diagnosis and where it was found
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import MODELS, make_data, make_model, mse_steps
 from torch import nn
 
 import tbptt
-from _models import MODELS, make_data, make_model, mse_steps
 from tbptt.validate import InvalidArgument, InvalidArgumentType
 
 B, T, N_IN = 4, 16, 3

@@ -4,11 +4,12 @@ import gc
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as hs
+from _models import make_data, make_model, mse_steps, oracle_updates
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+from test_trainer import SavedBytes, assert_same_weights, sgd
 
 import tbptt
-from _models import make_data, make_model, mse_steps, oracle_updates
-from test_trainer import SavedBytes, assert_same_weights, sgd
 
 ks = hs.one_of(hs.none(), hs.integers(1, 6))
 
@@ -58,11 +59,16 @@ def brute_force_with_resets(model, x, y, k1, k2, resets, mask=None):
 @given(kind=hs.sampled_from(["lstm", "grucell", "dict"]), n=hs.integers(2, 12), k1=ks, k2=ks,
        seed=hs.integers(0, 999), masked=hs.booleans())
 def test_a_stream_with_resets_equals_its_sequences_trained_on_their_own(kind, n, k1, k2, seed, masked):
+    assert_resets_equal_brute_force(make_model(kind, seed), n, k1, k2, seed, masked)
+
+
+def assert_resets_equal_brute_force(model, n, k1, k2, seed, masked):
+    """truncated_gradients with random resets (and a random mask) on 3 streams of n steps against
+    ``brute_force_with_resets``."""
     x, y = make_data(seed, 3, n)
     g = torch.Generator().manual_seed(seed)
     resets = torch.rand(3, n, generator=g) < 0.25
     mask = (torch.rand(3, n, generator=g) > 0.3) if masked else None
-    model = make_model(kind, seed)
     got = tbptt.truncated_gradients(model, mse_steps, x, y, tbptt.TBPTT(k1, k2), resets=resets, mask=mask)
     want = brute_force_with_resets(model, x, y, k1, k2, resets, mask)
     assert len(got) == len(want)

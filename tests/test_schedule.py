@@ -1,8 +1,9 @@
 import pytest
-from hypothesis import given, strategies as hs
+from _models import oracle_updates
+from hypothesis import given
+from hypothesis import strategies as hs
 
 from tbptt import TBPTT, Update
-from _models import oracle_updates
 
 ks = hs.one_of(hs.none(), hs.integers(1, 12))
 

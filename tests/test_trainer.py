@@ -4,11 +4,12 @@ import gc
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as hs
+from _models import make_data, make_model, mse_steps, oracle_updates
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 from torch.func import functional_call
 
 import tbptt
-from _models import make_data, make_model, mse_steps, oracle_updates
 
 ks = hs.one_of(hs.none(), hs.integers(1, 6))
 

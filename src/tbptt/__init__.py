@@ -24,7 +24,7 @@ from .engine import STRATEGIES, StreamEngine, UpdateResult
 from .gradients import truncated_gradients
 from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
-from .models import RecurrentNet
+from .models import LRU, Mamba, MinGRU, MinLSTM, RecurrentNet
 from .records import History, NonFiniteError, UpdateRecord
 from .schedule import TBPTT, Update
 from .schedules import Schedule, parse_schedule
@@ -42,6 +42,10 @@ __all__ = [
     "check_model",
     "ModelReport",
     "ModelContractError",
+    "MinGRU",
+    "MinLSTM",
+    "LRU",
+    "Mamba",
     "Update",
     "Trainer",
     "UpdateRecord",

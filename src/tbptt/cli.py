@@ -17,6 +17,7 @@ COMMANDS = [
     "tbptt.commands.compare",
     "tbptt.commands.train",
     "tbptt.commands.probe",
+    "tbptt.commands.check",
     "tbptt.commands.schedule",
     "tbptt.commands.bench",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from functools import reduce as fold
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -102,30 +102,14 @@ class DistributedTrainer(Trainer):
         return split.rows(self.rank, self.world_size)
 
     def reduce(self, result: UpdateResult) -> UpdateResult:
-        """The update as if one process held every rank's rows: gradients and loss weighted by each
-        rank's valid steps, summed in one all-reduce and divided by the total count. A gradient
-        that is None on some ranks counts as zeros there; None on every rank stays None."""
-        named = self.engine.named_parameters()
-        device = named[0][1].device if named else result.loss.device
-        present = [result.grads.get(n) is not None for n, _ in named]
-        dtype = fold(torch.promote_types, [g.dtype for g in result.grads.values() if g is not None],
-                     torch.promote_types(result.loss.dtype, torch.float32))
-        count = result.valid_steps.to(device=device, dtype=dtype).reshape(1)
-        flat = [(g.to(dtype) if (g := result.grads.get(n)) is not None
-                 else torch.zeros(p.shape, dtype=dtype, device=device)).reshape(-1) for n, p in named]
-        # each mean times its count: summed over ranks, that is the sum over all ranks' valid steps
-        weighted = torch.cat(flat + [result.loss.to(device=device, dtype=dtype).reshape(1)]) * count
-        buffer = torch.cat([weighted, count, torch.tensor(present, dtype=dtype, device=device)])
-        self._collective(dist.all_reduce, buffer, what=f"the all-reduce of the update at stream step {result.update.stop}")
-        sizes = [p.numel() for _, p in named]
-        size = sum(sizes)
-        total = buffer[size + 1]
-        mean = buffer[: size + 1] / total.clamp_min(1)
-        anywhere = (buffer[size + 2:] > 0).tolist()
-        grads: dict[str, Optional[torch.Tensor]] = {}
-        for (name, p), g, used in zip(named, torch.split(mean[:size], sizes), anywhere):
-            grads[name] = g.view(p.shape) if used else None
-        return UpdateResult(result.update, mean[size], grads, total, result.k2)
+        """The update as if one process held every rank's rows (``combine_ranks``): one all-reduce."""
+
+        def summed(buffer: torch.Tensor) -> torch.Tensor:
+            self._collective(dist.all_reduce, buffer,
+                             what=f"the all-reduce of the update at stream step {result.update.stop}")
+            return buffer
+
+        return combine_ranks(result, self.engine.named_parameters(), summed)
 
     def check_consistency(self) -> None:
         """Raise ``DistributedError`` naming the first parameter or buffer that differs between ranks
@@ -174,7 +158,7 @@ class DistributedTrainer(Trainer):
         """Write ``fit``'s checkpoint from rank 0, with every rank's rows gathered into one stream
         state of all B rows (and, for a resume on as many ranks, each rank's own stream and RNG
         states); all ranks return once it is on disk."""
-        mine = (_to_cpu(payload["engine"]), payload["rng"])
+        mine = (streams_to_cpu(payload["engine"]), payload["rng"])
         gathered: Optional[list] = [None] * self.world_size if self.rank == 0 else None
         self._collective(dist.gather_object, mine, gathered, dst=self._root, what="gathering the checkpoint")
         failure: list[Optional[str]] = [None]
@@ -286,6 +270,36 @@ class DistributedTrainer(Trainer):
             ) from exc
 
 
+def combine_ranks(
+    result: UpdateResult,
+    named: list[tuple[str, torch.nn.Parameter]],
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+) -> UpdateResult:
+    """One rank's update as if one process held every rank's rows: gradients and loss weighted by
+    each rank's valid steps, summed over the ranks by ``sum_over_ranks`` (one all-reduce of a flat
+    buffer, returning the sum) and divided by the total count. A gradient that is None on some
+    ranks counts as zeros there; None on every rank stays None (``docs/distributed.md``)."""
+    device = named[0][1].device if named else result.loss.device
+    present = [result.grads.get(n) is not None for n, _ in named]
+    dtype = fold(torch.promote_types, [g.dtype for g in result.grads.values() if g is not None],
+                 torch.promote_types(result.loss.dtype, torch.float32))
+    count = result.valid_steps.to(device=device, dtype=dtype).reshape(1)
+    flat = [(g.to(dtype) if (g := result.grads.get(n)) is not None
+             else torch.zeros(p.shape, dtype=dtype, device=device)).reshape(-1) for n, p in named]
+    # each mean times its count: summed over ranks, that is the sum over all ranks' valid steps
+    weighted = torch.cat(flat + [result.loss.to(device=device, dtype=dtype).reshape(1)]) * count
+    buffer = sum_over_ranks(torch.cat([weighted, count, torch.tensor(present, dtype=dtype, device=device)]))
+    sizes = [p.numel() for _, p in named]
+    size = sum(sizes)
+    total = buffer[size + 1]
+    mean = buffer[: size + 1] / total.clamp_min(1)
+    anywhere = (buffer[size + 2:] > 0).tolist()
+    grads: dict[str, Optional[torch.Tensor]] = {}
+    for (name, p), g, used in zip(named, torch.split(mean[:size], sizes), anywhere):
+        grads[name] = g.view(p.shape) if used else None
+    return UpdateResult(result.update, mean[size], grads, total, result.k2)
+
+
 def _checksum(t: torch.Tensor) -> torch.Tensor:
     x = t.detach().reshape(-1).double()
     where = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device) / max(x.numel(), 1)
@@ -298,7 +312,8 @@ def _fingerprint(split: Any) -> tuple:
     return tuple(None if p is None else (tuple(p.shape), float(p.double().sum())) for p in parts)
 
 
-def _to_cpu(saved: dict) -> dict:
+def streams_to_cpu(saved: dict) -> dict:
+    """A copy of an engine state (``StreamEngine.state_dict``) on the CPU, sharing no storage."""
     # a copy: the open block's steps are views of the whole split, whose storage pickling would carry
     return StreamState.from_dict(saved).map_tensors(lambda x: x.detach().to("cpu", copy=True)).to_dict()
 

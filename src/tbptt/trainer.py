@@ -19,7 +19,8 @@ from .checkpointing import Segments
 from .contract import LossFn
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
-from .modelcheck import ModelContractError, check_model as check_contract
+from .modelcheck import ModelContractError
+from .modelcheck import check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
 from .schedules import Schedule
 from .validate import one_of, positive_number
@@ -223,36 +224,58 @@ class Trainer:
         return result
 
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
-        result = self.reduce(result)
-        named = self.engine.named_parameters()
-        grads = [result.grads[n] for n, _ in named if result.grads[n] is not None]
-        norm = total_norm(grads).to(result.loss.device)
-        loss_value, norm_value, valid = torch.stack(
-            [result.loss.float(), norm.float(), result.valid_steps.float().to(result.loss.device)]
-        ).tolist()
-        u = result.update
-        reason = ""
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}"
-            if self.nonfinite == "raise":
-                raise NonFiniteError(
-                    f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss "
-                    f"{loss_value}, gradient norm {norm_value}; the weights were not changed"
-                )
-        elif valid == 0:
-            reason = "no valid steps"
-        if reason:
+        record = apply_update(self.reduce(result), self.engine.named_parameters(), self.optimizer,
+                              self.clip_grad_norm, self.nonfinite, started)
+        if record.skipped:
             self.updates_skipped += 1
-            return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
-                                time.perf_counter() - started, True, reason, result.k2)
-        scale = 1.0
-        if self.clip_grad_norm is not None:
-            scale = min(1.0, self.clip_grad_norm / (norm_value + 1e-6))
-        for name, p in named:
-            g = result.grads[name]
-            p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.updates_applied += 1
-        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
-                            k2=result.k2)
+        else:
+            self.updates_applied += 1
+        return record
+
+
+def apply_update(
+    result: UpdateResult,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: Any,
+    clip_grad_norm: Optional[float],
+    nonfinite: NonFinite,
+    started: float,
+) -> UpdateRecord:
+    """Apply one update's gradient to the parameters ``named`` with one ``optimizer.step()``, or
+    skip it: the record says which and why (a non-finite loss or gradient, no valid step).
+
+    The gradient is clipped to ``clip_grad_norm`` first; ``nonfinite="raise"`` raises a
+    ``NonFiniteError`` instead of skipping a non-finite update. ``optimizer`` is anything with
+    ``step()`` and ``zero_grad()`` over those parameters (a torch optimizer, or a wrapper that owns
+    the step, such as Lightning's). ``started``: the ``time.perf_counter()`` at which the update's
+    work began, for the record's wall time. ``Trainer`` applies every update with it.
+    """
+    grads = [result.grads[n] for n, _ in named if result.grads[n] is not None]
+    norm = total_norm(grads).to(result.loss.device)
+    loss_value, norm_value, valid = torch.stack(
+        [result.loss.float(), norm.float(), result.valid_steps.float().to(result.loss.device)]
+    ).tolist()
+    u = result.update
+    reason = ""
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}"
+        if nonfinite == "raise":
+            raise NonFiniteError(
+                f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss "
+                f"{loss_value}, gradient norm {norm_value}; the weights were not changed"
+            )
+    elif valid == 0:
+        reason = "no valid steps"
+    if reason:
+        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
+                            time.perf_counter() - started, True, reason, result.k2)
+    scale = 1.0
+    if clip_grad_norm is not None:
+        scale = min(1.0, clip_grad_norm / (norm_value + 1e-6))
+    for name, p in named:
+        g = result.grads[name]
+        p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
+                        k2=result.k2)

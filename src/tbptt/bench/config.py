@@ -27,6 +27,13 @@ class BenchConfig:
     long_n: int = 1000
     memory_ns: tuple[int, ...] = (1000, 10000)
     memory_k2s: tuple[int, ...] = (32, 64, 128)
+    wordlm_vocab: int = 18000
+    wordlm_updates: int = 8
+    small_n: int = 200
+    grid_hidden: tuple[int, ...] = (64, 128, 256)
+    grid_k1: tuple[int, ...] = (5, 10, 16)
+    grid_mult: tuple[int, ...] = (2, 4, 8)
+    grid_n: int = 480
     repeats: int = 7
     warmup: int = 1
     threads: int = 1
@@ -36,8 +43,12 @@ class BenchConfig:
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("batch", "inputs", "hidden", "outputs", "n", "k", "k1", "k2", "long_n", "repeats", "threads"):
+        for name in ("batch", "inputs", "hidden", "outputs", "n", "k", "k1", "k2", "long_n", "repeats", "threads",
+                     "wordlm_vocab", "wordlm_updates", "small_n", "grid_n"):
             positive_int(getattr(self, name), f"BenchConfig.{name}")
+        for name in ("grid_hidden", "grid_k1", "grid_mult"):
+            for value in getattr(self, name):
+                positive_int(value, f"BenchConfig.{name}")
         non_negative_int(self.warmup, "BenchConfig.warmup")
         if not self.k1 < self.k2:
             raise ValueError(f"the overlapping rows need k1 < k2; got k1={self.k1}, k2={self.k2}")
@@ -64,7 +75,9 @@ class BenchConfig:
 PRESETS = {
     # CI-sized: about 20 s on one CPU thread; memory rows on streams of 500 and 5000 steps
     "quick": BenchConfig(batch=16, inputs=16, hidden=64, outputs=16, n=512, k=32, k1=16, k2=64,
-                         long_n=512, memory_ns=(500, 5000), memory_k2s=(32, 64, 128), repeats=3),
+                         long_n=512, memory_ns=(500, 5000), memory_k2s=(32, 64, 128), repeats=3,
+                         wordlm_vocab=2000, wordlm_updates=4, small_n=100, grid_hidden=(64,), grid_k1=(5, 10),
+                         grid_mult=(2, 4), grid_n=200),
     # the README table
     "full": BenchConfig(),
 }
@@ -82,6 +95,17 @@ class Target:
         if ratio is None or not math.isfinite(ratio):
             return None
         return ratio <= self.value if self.op == "<=" else ratio >= self.value
+
+    def verdict(self, ratio: Optional[float], spread: Optional[tuple[float, float]]) -> Optional[str]:
+        """"yes" when the ratio meets the target; "no" when even the most favourable of the paired
+        runs misses it; "noisy" when the runs' spread straddles the target, so that this run cannot
+        tell (rerun on a quieter machine or with more repeats)."""
+        met = self.met(ratio)
+        if met is None or met:
+            return None if met is None else "yes"
+        if spread is not None and self.met(spread[0] if self.op == "<=" else spread[1]):
+            return "noisy"
+        return "no"
 
 
 @dataclass
@@ -101,14 +125,23 @@ class Row:
     note: str = ""
     ours_runs: list[float] = field(default_factory=list)
     reference_runs: list[float] = field(default_factory=list)
+    spread: Optional[tuple[float, float]] = None
+    verdict: Optional[str] = None
+    group: str = "main"
 
     def finish(self) -> "Row":
         if self.ratio is None:
             pair = (self.ours_s, self.reference_s) if self.metric == "time" else (self.ours_bytes, self.reference_bytes)
             if pair[0] is not None and pair[1]:
                 self.ratio = pair[0] / pair[1]
+        if self.ours_runs and len(self.ours_runs) == len(self.reference_runs):
+            # runs i of both contenders ran next to each other: their ratios show the noise
+            paired = [a / b for a, b in zip(self.ours_runs, self.reference_runs) if b > 0]
+            if paired:
+                self.spread = (min(paired), max(paired))
         if self.target is not None:
             self.met = self.target.met(self.ratio)
+            self.verdict = self.target.verdict(self.ratio, self.spread)
         return self
 
 

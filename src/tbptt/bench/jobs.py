@@ -8,49 +8,14 @@ weights on the same streams with the same optimizer (plain SGD).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..engine import StreamEngine
-from ..models import RecurrentNet
 from ..schedule import TBPTT
 from ..trainer import Trainer
-
-
-def per_step_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-step squared error averaged over features, ``[B, T]``."""
-    return (outputs - targets).pow(2).mean(dim=-1)
-
-
-class Workload:
-    """One model's initial weights and ``batch`` streams of ``n`` steps (inputs and regression
-    targets), shared by every contender of a row; seeded, so every row sees the same numbers."""
-
-    def __init__(self, batch: int, inputs: int, hidden: int, outputs: int, n: int,
-                 device: str = "cpu", seed: int = 0, lr: float = 1e-3) -> None:
-        self.batch, self.n_inputs, self.hidden, self.n_outputs, self.n = batch, inputs, hidden, outputs, n
-        self.device = torch.device(device)
-        self.lr = lr
-        torch.manual_seed(seed)
-        template = RecurrentNet(inputs, hidden, outputs, cell="lstm")
-        self.weights = {k: v.clone() for k, v in template.state_dict().items()}
-        generator = torch.Generator().manual_seed(seed)
-        self.inputs = torch.randn(batch, n, inputs, generator=generator).to(self.device)
-        self.targets = torch.randn(batch, n, outputs, generator=generator).to(self.device)
-
-    def model(self) -> RecurrentNet:
-        model = RecurrentNet(self.n_inputs, self.hidden, self.n_outputs, cell="lstm").to(self.device)
-        model.load_state_dict(self.weights)
-        return model
-
-    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
+from .workloads import Workload, per_step_mse
 
 Prepared = tuple[Callable[[], None], list[torch.Tensor]]
 Job = Callable[[], Prepared]
@@ -68,10 +33,11 @@ def make_trainer(work: Workload, schedule: TBPTT, strategy: str = "recompute", *
     model = work.model()
     trainer_params = inspect.signature(Trainer.__init__).parameters
     direct = {k: v for k, v in engine_options.items() if k in trainer_params}
-    trainer = Trainer(model, per_step_mse, work.optimizer(model.parameters()), schedule, strategy, **direct)
+    direct.setdefault("clip_grad_norm", work.clip)
+    trainer = Trainer(model, work.loss_fn, work.optimizer(model.parameters()), schedule, strategy, **direct)
     rest = {k: v for k, v in engine_options.items() if k not in trainer_params}
     if rest:  # an option only the engine knows yet
-        trainer.engine = StreamEngine(model, per_step_mse, schedule, strategy, **rest)
+        trainer.engine = StreamEngine(model, work.loss_fn, schedule, strategy, **rest)
     return trainer
 
 
@@ -86,10 +52,12 @@ def trainer_job(work: Workload, schedule: TBPTT, strategy: str = "recompute", **
 
 
 def detach_loop_job(work: Workload, k: Optional[int]) -> Job:
-    """The word_language_model loop: chunks of k, carry the state, ``repackage_hidden``, step."""
+    """The word_language_model loop: chunks of k, carry the state, ``repackage_hidden``, backward,
+    clip (where the workload clips), step."""
 
     def setup() -> Prepared:
         model = work.model()
+        model.train()
         optimizer = work.optimizer(model.parameters())
         chunk = work.n if k is None else k
 
@@ -97,9 +65,11 @@ def detach_loop_job(work: Workload, k: Optional[int]) -> Job:
             state = None
             for s in range(0, work.n, chunk):
                 outputs, state = model(work.inputs[:, s:s + chunk], state)
-                loss = per_step_mse(outputs, work.targets[:, s:s + chunk]).mean()
+                loss = work.loss_fn(outputs, work.targets[:, s:s + chunk]).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if work.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), work.clip)
                 optimizer.step()
                 state = tuple(h.detach() for h in state)
 
@@ -147,6 +117,47 @@ def cell_recipe_job(work: Workload, k1: int, k2: int) -> Job:
                 optimizer.step()
 
         return run, params
+
+    return setup
+
+
+def recompute_loop_job(work: Workload, schedule: TBPTT) -> Job:
+    """TBPTT(k1, k2) with ``recompute`` written by hand: per update, re-run the window with the
+    fused model from the saved state at its start (the call cut where a later window starts inside
+    the new block, to save that state), backpropagate the new errors, clip where the workload
+    clips, step."""
+    updates = schedule.updates(work.n)
+    starts = {u.start for u in updates}
+
+    def setup() -> Prepared:
+        model = work.model()
+        model.train()
+        optimizer = work.optimizer(model.parameters())
+
+        def run() -> None:
+            saved: dict[int, object] = {0: None}
+            previous = 0
+            for u in updates:
+                state = saved[u.start]
+                # a state is saved once: as its step's own block computed it
+                cuts = sorted({u.start, u.stop} | {p for p in starts if max(u.start, previous) < p < u.stop})
+                pieces = []
+                for a, b in zip(cuts[:-1], cuts[1:]):
+                    out, state = model(work.inputs[:, a:b], state)
+                    pieces.append(out)
+                    if b > previous and (b in starts or b == u.stop):
+                        saved[b] = tuple(h.detach() for h in state)
+                previous = u.stop
+                outputs = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+                loss = work.loss_fn(outputs[:, u.loss_start - u.start:], work.targets[:, u.loss_start:u.stop]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if work.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), work.clip)
+                optimizer.step()
+                saved = {p: s for p, s in saved.items() if p >= u.stop - (schedule.k2 or u.stop) or p == 0}
+
+        return run, list(model.parameters())
 
     return setup
 

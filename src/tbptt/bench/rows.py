@@ -14,15 +14,16 @@ from ..schedule import TBPTT
 from .config import BenchConfig, BenchResult, Row, Target
 from .jobs import (
     Job,
-    Workload,
     cell_recipe_job,
     checkpoint_option,
     detach_loop_job,
     recompute_bound_job,
+    recompute_loop_job,
     stored_bound_job,
     trainer_job,
 )
 from .measure import machine_info, measure, peak_memory
+from .workloads import WordLMWorkload, Workload
 
 
 def _workload(config: BenchConfig, n: int) -> Workload:
@@ -148,9 +149,60 @@ def rows_memory(config: BenchConfig) -> list[Row]:
     return rows
 
 
+def row_word_lm(config: BenchConfig) -> Row:
+    """TBPTT(35, 35) on the word-LM configuration against pytorch/examples' training loop."""
+    work = WordLMWorkload(vocab=config.wordlm_vocab, n=35 * config.wordlm_updates, device=config.device,
+                          seed=config.seed)
+    s = TBPTT(35, 35)
+    return _compare(config, work, f"{s} Trainer, word LM (vocab {config.wordlm_vocab}), n={work.n}",
+                    "word_language_model loop (detach, backward, clip 0.25, SGD)", trainer_job(work, s),
+                    detach_loop_job(work, 35), Target("<=", 1.03, "<= 1.03"))
+
+
+def rows_small_models(config: BenchConfig) -> list[Row]:
+    """Fixed cost per update on a small model (hidden 32, B 16): the Trainer against a hand-written
+    loop making the same updates, for an update every step and short windows."""
+    work = Workload(16, 8, 32, 8, config.small_n, config.device, config.seed, config.lr)
+    rows = []
+    for s in (TBPTT(1, 20), TBPTT(4, 4), TBPTT(1, None)):
+        reference = detach_loop_job(work, s.k1) if s.k1 == s.k2 else recompute_loop_job(work, s)
+        row = _compare(config, work, f"{s} Trainer, hidden 32, B 16, n={work.n}",
+                       "hand-written loop, the same updates", trainer_job(work, s), reference,
+                       Target("<=", 1.2, "<= 1.2"))
+        updates = len(s.updates(work.n))
+        if row.ours_s is not None and row.reference_s is not None:
+            row.note = f"{(row.ours_s - row.reference_s) / updates * 1e6:+.0f} us per update"
+        rows.append(row)
+    return rows
+
+
+def rows_strategy_grid(config: BenchConfig) -> list[Row]:
+    """``stored`` and ``recompute`` over hidden x k1 x k2 = m*k1: each against its least work, and
+    stored against recompute (which must not be cheaper when k2 >= 2 k1)."""
+    rows = []
+    for hidden in config.grid_hidden:
+        work = Workload(config.batch, config.inputs, hidden, config.outputs, config.grid_n, config.device,
+                        config.seed, config.lr)
+        for k1 in config.grid_k1:
+            for mult in config.grid_mult:
+                s = TBPTT(k1, mult * k1)
+                times = measure(work, {"stored": trainer_job(work, s, "stored"), "stored bound": stored_bound_job(work, s),
+                                       "recompute": trainer_job(work, s, "recompute"),
+                                       "recompute bound": recompute_bound_job(work, s)},
+                                config.repeats, config.warmup, config.timer)
+                name = f"{s}, hidden {hidden}, n={config.grid_n}"
+                for ours, theirs, target in (("stored", "stored bound", Target("<=", 1.15, "<= 1.15")),
+                                             ("recompute", "recompute bound", Target("<=", 1.10, "<= 1.10")),
+                                             ("stored", "recompute", Target("<=", 1.0, "<= 1.0"))):
+                    rows.append(Row(f"{name}: {ours}", theirs, ours_s=statistics.median(times[ours]),
+                                    reference_s=statistics.median(times[theirs]), target=target,
+                                    ours_runs=times[ours], reference_runs=times[theirs], group="grid").finish())
+    return rows
+
+
 ROWS: list[Callable[[BenchConfig], object]] = [
-    row_chunked, row_stored_bound, row_recompute_bound, row_cell_recipe, row_keras,
-    row_full_bptt, rows_checkpointed, rows_memory,
+    row_chunked, row_word_lm, rows_small_models, row_stored_bound, row_recompute_bound, row_cell_recipe, row_keras,
+    row_full_bptt, rows_checkpointed, rows_memory, rows_strategy_grid,
 ]
 
 

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     add_run_options(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--config", action="append", required=True, metavar="K1,K2[@KEY=VALUE,...]",
-                   help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 (keys lr, clip, strategy); repeatable")
+                   help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 or 10,40@model=lru (keys lr, clip, "
+                   "strategy, model); repeatable")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop each run once it has trained this many seconds; the budget is checked between "
                    "train_on calls, so without --segment-length a run stops only at the end of an epoch")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             console = Console(quiet=True)
         comparison = compare(
             args.task, args.config, args.seeds, epochs=args.epochs, strategy=args.strategy,
-            hidden=args.hidden, cell=args.cell, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
+            hidden=args.hidden, model=args.model, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
             segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
             target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
             progress=not args.no_progress, console=console, distributed=distributed,

@@ -1,5 +1,5 @@
 """What the training commands (train, compare, probe) share: their options, declared once with
-choices taken from the registries they name (tasks, cells, strategies, optimizers), the reading of
+choices taken from the registries they name (tasks, models, strategies, optimizers), the reading of
 ``--task-option KEY=VALUE``, and errors printed in the command line's terms (flags, not Python names).
 """
 
@@ -12,7 +12,8 @@ from ..data import TASKS
 from ..data import load_task as load
 from ..data import task_options as accepted
 from ..engine import STRATEGIES
-from ..experiments.runs import CELLS, OPTIMIZERS
+from ..experiments.runs import MODEL_NAMES, OPTIMIZERS
+from ..models import model_spec
 from ..validate import (
     InvalidArgument,
     non_negative_number,
@@ -21,18 +22,34 @@ from ..validate import (
 )
 
 
-def add_task_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=TASKS, help="the task to learn")
+def add_task_options(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--task`` (required unless it has a ``default``) and ``--task-option KEY=VALUE``."""
+    p.add_argument("--task", required=default is None, default=default, choices=TASKS,
+                   help="the task to learn" + (f" (default {default})" if default else ""))
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option, e.g. delay=8, steps=200, difference=false or path=book.txt (repeatable)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model`` (``--cell``, its former name, still works) and ``--hidden``."""
+    p.add_argument("--model", "--cell", dest="model", default="lstm", metavar="MODEL",
+                   help=f"the model: {', '.join(MODEL_NAMES)} (default lstm), or your own as "
+                   "path/to/file.py:factory, a function called with the keywords n_inputs, n_outputs, hidden "
+                   "that returns the nn.Module (--cell is the former name of this option)")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """Reject a bad ``--model`` or ``--hidden`` (the file of a ``file.py:factory`` is read later)."""
+    model_spec(args.model, "--model")
+    positive_int(args.hidden, "--hidden", "hidden units")
 
 
 def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     """The task, model and training options every command that trains takes."""
     add_task_options(p)
     p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training streams (default {epochs})")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
-    p.add_argument("--cell", choices=CELLS, default="lstm", help="recurrent cell (default lstm)")
+    add_model_options(p)
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam",
                    help="adam (default) or plain sgd (no momentum)")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 0.01)")
@@ -47,7 +64,7 @@ def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
 def check_run_options(args: argparse.Namespace) -> None:
     """Reject bad values of the options ``add_run_options`` declares, before any work starts."""
     positive_int(args.epochs, "--epochs")
-    positive_int(args.hidden, "--hidden", "hidden units")
+    check_model_options(args)
     positive_number(args.lr, "--lr")
     non_negative_number(args.clip, "--clip", "0 turns clipping off")
     if args.segment_length is not None:
@@ -69,7 +86,9 @@ def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -
     """One red line on standard error: what is wrong, in flags."""
     from rich.console import Console
 
-    Console(stderr=True).print(f"[red]error:[/red] {flag_error(exc, parser)}", markup=True, highlight=False)
+    # soft_wrap: one line however long (a path cut in two cannot be copied)
+    Console(stderr=True).print(f"[red]error:[/red] {flag_error(exc, parser)}", markup=True, highlight=False,
+                               soft_wrap=True)
 
 
 def task_options(name: str, items: list[str]) -> dict[str, Any]:

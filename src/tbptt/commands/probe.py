@@ -11,7 +11,7 @@ import torch
 
 from ..diagnostics import gradient_vs_lag
 from ..experiments.plots import plot_lag_profiles
-from ..experiments.runs import OPTIMIZERS
+from ..experiments.runs import OPTIMIZERS, model_for
 from ..schedule import TBPTT
 from ..trainer import Trainer
 from ..validate import fraction, positive_int
@@ -59,22 +59,22 @@ def run(args: argparse.Namespace) -> int:
         if split.steps <= args.max_lag:
             raise ValueError(f"--max-lag {args.max_lag} needs a validation stream longer than that; task "
                              f"{args.task!r} has {split.steps} steps: lower --max-lag or lengthen the task")
+        torch.manual_seed(args.seed)
+        model = model_for(task, args.model, args.hidden)
     except (TypeError, ValueError) as exc:
         print_error(exc, args.parser)
         return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small recurrent models: threads only contend
     try:
-        return _probe(args, task, schedule, split, console)
+        return _probe(args, task, model, schedule, split, console)
     finally:
         torch.set_num_threads(threads)
 
 
-def _probe(args: argparse.Namespace, task: Any, schedule: Any, split: Any, console: Any) -> int:
+def _probe(args: argparse.Namespace, task: Any, model: Any, schedule: Any, split: Any, console: Any) -> int:
     from rich.table import Table
 
-    torch.manual_seed(args.seed)
-    model = task.model(hidden=args.hidden, cell=args.cell)
     rows = slice(0, min(args.rows, split.batch_size))
     pick = lambda t: None if t is None else t[rows]  # noqa: E731
 
@@ -91,7 +91,7 @@ def _probe(args: argparse.Namespace, task: Any, schedule: Any, split: Any, conso
     metric = history.epochs[-1].get("valid_metric", float("nan"))
     profiles["trained"] = probe()
 
-    table = Table(title=f"{task.name}: gradient norm against lag", title_justify="left")
+    table = Table(title=f"{task.name}, {args.model}: gradient norm against lag", title_justify="left")
     table.add_column("model")
     shown = sorted({1, 2, 5, 10, 20, 50, 100, args.max_lag} & set(range(1, args.max_lag + 1)))
     for lag in shown:
@@ -120,6 +120,7 @@ def _probe(args: argparse.Namespace, task: Any, schedule: Any, split: Any, conso
                       f"({k2} and beyond) carry at most {args.fraction:g} of the gradient")
     png = Path(args.png or f"tbptt-report/probe-{task.name}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot_lag_profiles(profiles, png, args.fraction, task.dependency, title=f"{task.name}: gradient against lag")
+    plot_lag_profiles(profiles, png, args.fraction, task.dependency,
+                      title=f"{task.name}, {args.model}: gradient against lag")
     console.print(f"plot: {png}")
     return 0

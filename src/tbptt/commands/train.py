@@ -18,7 +18,8 @@ import torch
 
 from .. import distributed as tdist
 from ..checkpoint import CheckpointError
-from ..experiments.runs import OPTIMIZERS, Configuration
+from ..experiments.runs import OPTIMIZERS, Configuration, model_for
+from ..modelcheck import ModelContractError
 from ..schedules import Schedule
 from ..trainer import Trainer
 from ..validate import positive_number
@@ -50,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed: how long a rank waits for the others before the job fails (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
+    p.add_argument("--check-model", action="store_true",
+                   help="before the first update, check that the model keeps the engine's contract "
+                   "(tbptt.check_model on the first segment); a model that breaks it stops the run with the report")
     p.set_defaults(func=run, parser=p)
 
 
@@ -58,7 +62,7 @@ def _check(args: argparse.Namespace) -> Schedule:
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
     configuration = Configuration.parse(args.config)
-    overrides = [k for k in ("lr", "clip", "strategy") if getattr(configuration, k) is not None]
+    overrides = [k for k in ("lr", "clip", "strategy", "model") if getattr(configuration, k) is not None]
     if overrides:
         raise ValueError(f"--config {args.config!r} overrides {', '.join(overrides)}: train takes them as "
                          f"{', '.join('--' + k for k in overrides)}")
@@ -87,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cpu")
         if distributed and torch.distributed.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        model = task.model(hidden=args.hidden, cell=args.cell).to(device)
+        model = model_for(task, args.model, args.hidden).to(device)
         optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
         kind = tdist.DistributedTrainer if distributed else Trainer
         trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=args.strategy,
-                       clip_grad_norm=args.clip or None)
+                       clip_grad_norm=args.clip or None, check_model=args.check_model)
         train = trainer.shard(task.train) if distributed else task.train
-        console.print(f"{task.description}: {schedule}, {args.strategy}, "
+        console.print(f"{task.description}: {args.model}, {schedule}, {args.strategy}, "
                       f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
         history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
                               segment_length=args.segment_length, checkpoint=args.checkpoint,
@@ -101,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
+    except ModelContractError as exc:
+        console.print(str(exc.report), markup=False, highlight=False, soft_wrap=True)
+        print_error(ValueError(f"--model {args.model} breaks the engine's contract (report above); "
+                               "fix the model, or train without --check-model at your own risk"), args.parser)
+        return 2
     except (ValueError, TypeError, CheckpointError) as exc:
         print_error(exc, args.parser)
         return 2

@@ -10,10 +10,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..contract import LossFn, Metric
-from ..models import Cell, RecurrentNet
+from ..models import Cell, build_model
 from ..validate import non_negative_int, one_of
 from .streams import Split
 
@@ -108,9 +108,23 @@ class Task:
         data = self.split(split)
         return self.metric(outputs, data.targets, data.mask)
 
-    def model(self, hidden: int = 32, cell: Cell = "lstm", layers: int = 1) -> RecurrentNet:
-        """A ``RecurrentNet`` with this task's input and output sizes (and token embedding)."""
-        return RecurrentNet(self.n_inputs, hidden, self.n_outputs, cell=cell, layers=layers, vocab=self.vocab)
+    def model(self, hidden: int = 32, name: str = "lstm", layers: Optional[int] = None, *,
+              cell: Optional[Cell] = None, **options: Any) -> nn.Module:
+        """The model ``name`` (a key of ``tbptt.models.MODELS`` or ``"path/to/file.py:factory"``) with
+        this task's input and output sizes, built by ``tbptt.models.build_model``.
+
+        Token inputs (``vocab``): lstm, gru and rnn are a ``RecurrentNet`` with its own embedding;
+        any other model is built for ``n_inputs`` float features and fed through a learned
+        ``TokenEmbedding(vocab, n_inputs)``. ``layers`` (when given) and ``options`` go to the
+        model's constructor or factory. ``cell`` is the former name of ``name`` (lstm, gru, rnn).
+        """
+        if cell is not None:
+            if name not in ("lstm", cell):
+                raise ValueError(f"give the model once: name={name!r} or cell={cell!r}, not both")
+            name = cell
+        if layers is not None:
+            options["layers"] = layers
+        return build_model(name, self.n_inputs, self.n_outputs, hidden, vocab=self.vocab, **options)
 
 
 def masked_mean(values: Tensor, mask: Optional[Tensor]) -> float:

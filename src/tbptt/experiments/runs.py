@@ -11,43 +11,47 @@ import random
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, get_args
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..data import load_task
 from ..diagnostics import grad_norm_summary, roughness
 from ..engine import STRATEGIES
-from ..models import Cell
+from ..models import MODELS, model_spec
 from ..schedules import SCHEDULE_OPTIONS, Schedule, parse_schedule
 from ..trainer import Trainer
-from ..validate import non_negative_int, one_of, positive_int, positive_number
+from ..validate import InvalidArgument, non_negative_int, one_of, positive_int, positive_number
 
 KEEP_UPDATES = 2000
 """Per-update records kept in a run's result (evenly thinned beyond this)."""
 
-CELLS: tuple[str, ...] = get_args(Cell)
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+"""The built-in models a run may name (``"path/to/file.py:factory"`` names a user's own)."""
 
-
-_OVERRIDES = {"lr": float, "clip": float, "strategy": str}
+_OVERRIDES = {"lr": float, "clip": float, "strategy": str, "model": str}
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
 class Configuration:
     """A schedule with optional per-configuration overrides, written ``"SCHEDULE[@key=value,...]"``
-    (keys: lr, clip, strategy; and, for an adaptive schedule, tolerance, min_k2, max_k2, every), e.g.
-    ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``, ``"5,20@strategy=stored"``, ``"artbp:10,30"``,
+    (keys: lr, clip, strategy, model; and, for an adaptive schedule, tolerance, min_k2, max_k2,
+    every), e.g. ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``, ``"5,20@strategy=stored"``,
+    ``"10,40@model=lru"``, ``"5,5@model=my_model.py:factory"``, ``"artbp:10,30"``,
     ``"adaptive:10@tolerance=0.05"`` (the schedule as ``tbptt.parse_schedule`` reads it)."""
 
     schedule: Schedule
     lr: Optional[float] = None
     clip: Optional[float] = None
     strategy: Optional[str] = None
+    model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.strategy is not None:
             one_of(self.strategy, "strategy", STRATEGIES)
+        if self.model is not None:
+            model_spec(self.model, "model")
         for name in ("lr", "clip"):
             positive_number(getattr(self, name), name, none="the sweep's setting")
 
@@ -73,12 +77,25 @@ class Configuration:
                 options[key] = _OVERRIDES[key](value)
             except ValueError:
                 raise ValueError(f"bad value for {key} in configuration {text!r}: {value!r}") from None
-        return cls(parse_schedule(body, scheduling), **options)
+        schedule = parse_schedule(body, scheduling)
+        try:
+            return cls(schedule, **options)
+        except InvalidArgument as error:  # say where: a flag of the same name may hold another value
+            raise error.renamed(f"{error.name} (in configuration {text!r})") from None
 
     def __str__(self) -> str:
-        extras = [f"{k}={getattr(self, k):g}" if k != "strategy" else f"{k}={self.strategy}"
-                  for k in _OVERRIDES if getattr(self, k) is not None]
-        return " ".join([str(self.schedule)] + extras)
+        """``"TBPTT(5,20) lr=0.1 strategy=stored"``; a model override as its bare name: ``"TBPTT(5,5) lru"``."""
+        extras = [f"{k}={getattr(self, k):g}" if k in ("lr", "clip") else f"{k}={getattr(self, k)}"
+                  for k in ("lr", "clip", "strategy") if getattr(self, k) is not None]
+        return " ".join([str(self.schedule)] + extras + ([self.model] if self.model else []))
+
+
+def with_model(config: str, model: str) -> str:
+    """The configuration string ``config`` with ``@model=MODEL`` written into it, unless it names
+    its own model: ``with_model("5,5", "lstm") == "5,5@model=lstm"``."""
+    if Configuration.parse(config).model is not None:
+        return config
+    return f"{config}{',' if '@' in config else '@'}model={model}"
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,7 @@ class RunSpec:
     strategy: str = "recompute"
     epochs: int = 10
     hidden: int = 32
-    cell: str = "lstm"
+    model: str = "lstm"
     lr: float = 1e-2
     optimizer: str = "adam"
     clip: Optional[float] = 1.0
@@ -112,7 +129,7 @@ class RunSpec:
         one_of(self.optimizer, "optimizer", tuple(OPTIMIZERS))
         positive_number(self.lr, "lr")
         positive_int(self.hidden, "hidden", "hidden units")
-        one_of(self.cell, "cell", CELLS)
+        model_spec(self.model, "model")
         positive_number(self.clip, "clip", none="no clipping; 0 on the command line")
         positive_int(self.segment_length, "segment_length", "steps per train_on call", "the whole split")
         positive_number(self.max_seconds, "max_seconds", "seconds", "no time budget")
@@ -129,7 +146,33 @@ class RunSpec:
             "lr": c.lr if c.lr is not None else self.lr,
             "clip": c.clip if c.clip is not None else self.clip,
             "strategy": c.strategy or self.strategy,
+            "model": c.model or self.model,
         }
+
+
+def model_for(task: Any, model: str, hidden: int) -> Any:
+    """``task.model(hidden, name=model)``. A user's file that cannot be imported, or a factory that
+    fails or returns no model, is a ValueError that names the file and the function."""
+    try:
+        return task.model(hidden=hidden, name=model)
+    except InvalidArgument as error:
+        raise (error.renamed("model") if error.name in ("spec", "name") else error) from None
+    except (ImportError, TypeError, RuntimeError) as error:  # raised by a user's file, which they name
+        raise ValueError(str(error)) from error
+
+
+def check_models(specs: Sequence[RunSpec]) -> None:
+    """Build, once each, the users' models the runs name (``path/to/file.py:factory``), so that a file
+    that cannot be imported or a factory that returns the wrong thing fails now (``model_for``'s
+    ValueError), rather than in every run."""
+    files = {}
+    for spec in specs:
+        files.setdefault(spec.settings()["model"], spec)
+    task = None
+    for model, spec in files.items():
+        if model not in MODELS:
+            task = task or load_task(spec.task, **dict(spec.task_options))
+            model_for(task, model, spec.hidden)
 
 
 class GraphMemory:
@@ -238,7 +281,7 @@ def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> di
     settings = spec.settings()
     return {
         "task": spec.task, "config": str(spec.configuration), "strategy": settings["strategy"],
-        "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
+        "model": settings["model"], "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
         "status": "failed", "error": error,
         "wall_time": math.nan if started is None else time.perf_counter() - started,
     }
@@ -288,7 +331,7 @@ def _train(spec: RunSpec, task: Any, emit: Optional[Callable[[tuple], None]]) ->
     cpu_started = time.process_time()
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    model = task.model(hidden=spec.hidden, cell=spec.cell)
+    model = model_for(task, settings["model"], spec.hidden)
     optimizer = OPTIMIZERS[spec.optimizer](model.parameters(), lr=settings["lr"])
     trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
                       clip_grad_norm=settings["clip"])

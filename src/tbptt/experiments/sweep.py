@@ -26,11 +26,13 @@ from .report import terminal_tables, write_html, write_results
 from .runs import (
     Configuration,
     RunSpec,
+    check_models,
     estimated_cost,
     failed_run,
     run_one,
     spec_dict,
     warm_up,
+    with_model,
 )
 from .summary import Row, Run, summarize
 
@@ -82,8 +84,10 @@ def _specs(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]], 
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ValueError(f"seeds must be a positive count or a list of seeds; got {seeds!r}")
-    for text in configs:
-        Configuration.parse(text)  # a bad configuration fails here, before any run starts
+    parsed = [Configuration.parse(text) for text in configs]  # a bad one fails here, before any run
+    if len({c.model or options["model"] for c in parsed}) > 1:
+        # configurations that differ by model: each names its model, so labels and groups show it
+        configs = [with_model(text, options["model"]) for text in configs]
     specs = []
     for config in configs:
         for seed in seed_list:
@@ -112,7 +116,7 @@ def compare(
     epochs: int = 10,
     strategy: str = "recompute",
     hidden: int = 32,
-    cell: str = "lstm",
+    model: str = "lstm",
     lr: float = 1e-2,
     optimizer: str = "adam",
     clip: Optional[float] = 1.0,
@@ -126,8 +130,12 @@ def compare(
     console: Any = None,
     distributed: bool = False,
 ) -> Comparison:
-    """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..]"``) with each
-    seed and summarise skill, stability and speed per configuration.
+    """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..,model=..]"``) with
+    each seed and summarise skill, stability and speed per configuration.
+
+    ``model``: the model every configuration trains unless it names its own (``"10,40@model=lru"``):
+    a key of ``tbptt.models.MODELS`` or ``"path/to/file.py:factory"``. When the configurations
+    differ by model, each one's label names it (``"TBPTT(5,5) lru"``).
 
     ``seeds``: a count (seeds 0..count-1) or a list. ``jobs``: worker processes (default: CPU
     count, divided among this machine's ranks when distributed; at most one per run; 1 runs in
@@ -143,10 +151,11 @@ def compare(
     the whole comparison. A run's result depends only on its seed, so the outcome equals a local
     sweep's.
     """
-    options = dict(epochs=epochs, strategy=strategy, hidden=hidden, cell=cell, lr=lr, optimizer=optimizer, clip=clip,
+    options = dict(epochs=epochs, strategy=strategy, hidden=hidden, model=model, lr=lr, optimizer=optimizer, clip=clip,
                    segment_length=segment_length, max_seconds=max_seconds,
                    task_options=tuple(sorted((task_options or {}).items())))
     specs = _specs(task, configs, seeds, options)
+    check_models(specs)  # a user's model file that fails to import or build fails here, before any run
     meta = _meta(task, specs, options)
     jobs = default_jobs(distributed) if jobs is None else positive_int(jobs, "jobs", "worker processes")
     rank, world = _ranks(distributed)

@@ -27,7 +27,9 @@ from .. import state as st
 from .. import validate
 from . import layout as _layout
 from . import segments as _segments
-from .report import Check as Check, ModelContractError as ModelContractError, ModelReport as ModelReport
+from .report import Check as Check
+from .report import ModelContractError as ModelContractError
+from .report import ModelReport as ModelReport
 from .runner import Runner, fresh, same
 
 MIN_STEPS = 8

@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch
 
 from .report import Check
-from .runner import Run, Runner, diff, floating, fresh, gap, leaves, shape_problem, splits
+from .runner import (
+    Run,
+    Runner,
+    diff,
+    floating,
+    fresh,
+    gap,
+    leaves,
+    shape_problem,
+    splits,
+)
 
 
 def check_call(run: Runner, full: Run) -> list[Check]:

@@ -1,8 +1,5 @@
-"""Ready-made recurrent models that follow the engine's contract ``(outputs, state) = model(x, state)``.
-
-Any ``nn.Module`` with that signature works with the engine; these are the defaults the tasks, the
-CLI and the benchmarks use.
-"""
+"""RecurrentNet: a fused nn.LSTM/GRU/RNN (batch first) with a linear head, the model the tasks, the
+CLI and the benchmarks use by default."""
 
 from __future__ import annotations
 
