@@ -56,7 +56,8 @@ def oracle_gradient(model, x, y, start, block, stop, q, entering, mask=None, res
             count += float(valid.sum())
     loss = total / max(count, 1.0)
     leaves = [w for _, c in copies for w in c.values()]
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if torch.is_tensor(loss) and loss.requires_grad else [None] * len(leaves)
+    differentiable = torch.is_tensor(loss) and loss.requires_grad  # every error masked: no gradient
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if differentiable else [None] * len(leaves)
     out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     i = 0
     for u, c in copies:

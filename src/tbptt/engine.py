@@ -88,6 +88,9 @@ class StreamEngine:
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> [B, T]; got {loss_fn!r}")
         check_schedule(schedule)
         one_of(strategy, "strategy", STRATEGIES)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (ARTBP's draws) or None; "
+                            f"got {type(generator).__name__}")
         check_segments(checkpoint_segments)
         if isinstance(schedule, ARTBP) and strategy == "stored":
             raise ValueError(
