@@ -293,3 +293,11 @@ def test_bad_schedules_in_a_configuration_are_errors_before_any_work(config, mes
     assert main(["demo", "--config", config]) == 2
     assert re.search(message, " ".join(capsys.readouterr().err.split()))
     assert not any(tmp_path.iterdir())
+
+
+def test_demo_runs_extra_configurations_next_to_its_own(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "1", "--seeds", "1",
+                 "--config", "artbp:3,5"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ARTBP(3,5)" in out and "demo finished" in out
+    assert "ARTBP(3,5) 0." in out.split("k2 > d = 2")[1].split("k2 <= d")[0]  # its windows reach any lag
