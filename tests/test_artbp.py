@@ -257,10 +257,10 @@ def test_draws_come_from_torch_seed_and_records_say_the_window(tmp_path):
     assert [r.start for r in a] == [r.start for r in b] != [r.start for r in c]
     assert all(r.k2 == 4 + r.loss_start - r.start for r in a)
     assert len({r.k2 for r in a}) > 2
-    assert tbptt.History(updates=a).k2() == [r.k2 for r in a]
+    assert tbptt.History(records=a).k2() == [r.k2 for r in a]
     from tbptt.experiments import plot_history_k2
 
-    assert plot_history_k2(tbptt.History(updates=a), tmp_path / "k2.png", "ARTBP(4,12)").read_bytes()[:4] == b"\x89PNG"
+    assert plot_history_k2(tbptt.History(records=a), tmp_path / "k2.png", "ARTBP(4,12)").read_bytes()[:4] == b"\x89PNG"
     del model
 
 
@@ -309,7 +309,7 @@ def killed_and_resumed(tmp_path, schedule, strategy="recompute", steps=60):
         trainer = tbptt.Trainer(model, mse_steps, opt, schedule, strategy=strategy)
         callbacks = [KillMidBlock(kill_at, path, k1)] if kill_at else []
         history = trainer.fit((x, y), epochs=3, valid=(x, y), segment_length=k1 + 1, callbacks=callbacks,
-                              checkpoint=path, checkpoint_every=2, resume=resume)
+                              checkpoint=path, checkpoint_every=2, resume=resume, keep_updates=True)
         return model, history, trainer
 
     whole = run(path=tmp_path / "whole.pt")

@@ -5,6 +5,7 @@ configuration, checkpoint, resume, and finally rank 1 dies, all written to files
 """
 
 import os
+import re
 import shutil
 import time
 from datetime import timedelta
@@ -76,7 +77,7 @@ def new_trainer(k1, k2, strategy, cls=tbptt.Trainer, schedule=None):
 def train(k1, k2, strategy, cls=tbptt.Trainer, schedule=None, **options):
     trainer = new_trainer(k1, k2, strategy, cls, schedule)
     split = data() if cls is tbptt.Trainer else trainer.shard(data())
-    history = trainer.fit(split, epochs=2, segment_length=5, progress=False, **options)
+    history = trainer.fit(split, epochs=2, segment_length=5, progress=False, keep_updates=True, **options)
     return trainer, history
 
 
@@ -88,7 +89,7 @@ def train_variable(schedule, strategy, cls=tbptt.Trainer, seed=100):
     trainer = cls(model, mse_steps, torch.optim.Adam(model.parameters(), lr=0.02), schedule, strategy=strategy,
                   clip_grad_norm=0.5)
     split = data() if cls is tbptt.Trainer else trainer.shard(data())
-    return trainer, trainer.fit(split, epochs=2, segment_length=5, progress=False)
+    return trainer, trainer.fit(split, epochs=2, segment_length=5, progress=False, keep_updates=True)
 
 
 def weights(trainer):
@@ -162,6 +163,24 @@ def ranks(rank, port, out):
     history = trainer.fit(trainer.shard(data()), epochs=3, segment_length=5, progress=False,
                           callbacks=[StopRankOne()])
     result["stopped"] = (len(history.epochs), history.stopped_by)
+    # ranks that build different models or optimizers are told at construction, naming what differs
+    for name, (hidden, lr) in {"hidden": (5 + rank, 0.01), "lr": (5, 0.01 * (1 + rank))}.items():
+        torch.manual_seed(0)
+        model = tbptt.RecurrentNet(3, hidden, 2).double()
+        try:
+            tdist.DistributedTrainer(model, mse_steps, torch.optim.Adam(model.parameters(), lr=lr), tbptt.TBPTT(4, 4))
+            result[name] = "no error"
+        except tdist.DistributedError as exc:
+            result[name] = str(exc)
+    # one rank's learning rate changed after construction: the weights drift apart, the check stops both
+    trainer = new_trainer(4, 4, "recompute", lambda *a, **k: tdist.DistributedTrainer(*a, check_every=2, **k))
+    if rank == 1:
+        trainer.optimizer.param_groups[0]["lr"] = 0.05
+    try:
+        trainer.fit(trainer.shard(data()), epochs=1, segment_length=5, progress=False)
+        result["drift check"] = ("no error", trainer.updates_applied)
+    except tdist.DistributedError as exc:
+        result["drift check"] = (str(exc), trainer.updates_applied)
     # rank 1 stalls past a group's timeout: rank 0 stops with an error instead of waiting
     short = dist.new_group([0, 1], timeout=timedelta(seconds=2))
     if rank == 1:
@@ -274,7 +293,7 @@ def test_the_consistency_check_names_what_drifted(job):
 
 def test_a_rank_that_stalls_past_the_timeout_stops_the_others_with_a_clear_error(job):
     message, seconds = results(job, 0)["stall"]
-    assert "broadcasting rank 0's weights failed" in message and "within the timeout" in message
+    assert "comparing the ranks' settings failed" in message and "within the timeout" in message
     assert seconds < 4
 
 
@@ -331,7 +350,8 @@ def test_stream_states_that_cannot_be_split_say_why():
     _, whole, _ = engines(4, 4, "recompute", model, 22)
     with pytest.raises(ValueError, match="4 streams, which 3 ranks cannot share evenly"):
         tdist.shard_streams(whole.state_dict(), 0, 3)
-    square = {**whole.state_dict(), "states": {8: torch.zeros(4, 4, 5)}}
+    saved = whole.state_dict()
+    square = {**saved, "states": {saved["previous"]: torch.zeros(4, 4, 5)}}
     with pytest.raises(ValueError, match="ambiguous"):
         tdist.shard_streams(square, 0, 2)
 
@@ -345,6 +365,20 @@ def test_a_trainer_needs_a_process_group_and_torchrun_env(monkeypatch):
         tdist.init_from_env(timeout=0)
     with pytest.raises(tdist.DistributedError, match="needs an initialised process group"):
         new_trainer(4, 4, "recompute", tdist.DistributedTrainer)
+
+
+def test_ranks_that_build_different_models_or_optimizers_are_told_at_construction(job):
+    for rank in range(WORLD):
+        hidden, lr = results(job, rank)["hidden"], results(job, rank)["lr"]
+        assert re.search(r"ranks disagree on parameter rnn\.weight_ih_l0: 'shape \(20, 3\), torch.float64' on "
+                         r"rank 0; 'shape \(24, 3\), torch.float64' on rank 1", hidden), hidden
+        assert "ranks disagree on optimizer group 0 lr: 0.01 on rank 0; 0.02 on rank 1" in lr, lr
+
+
+def test_weights_that_drift_apart_stop_the_run_within_check_every_updates(job):
+    for rank in range(WORLD):
+        message, applied = results(job, rank)["drift check"]
+        assert "rank 1 holds a different 'lstm.weight_ih_l0' than rank 0" in message and applied == 2
 
 
 def test_a_rank_that_stops_stops_them_all_at_the_same_epoch(job):

@@ -105,9 +105,10 @@ def test_non_finite_errors_do_not_share_their_records():
 
 def test_history_round_trips_and_writes_every_epoch_key(tmp_path):
     history = History(epochs=[{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5, "partial": True}],
-                      updates=[UpdateRecord(0, 0, 4, 0.5, 1.0, 0.01, True, "non-finite loss")],
+                      records=[UpdateRecord(0, 0, 4, 0.5, 1.0, 0.01, True, "non-finite loss")],
                       diverged=True, stopped_by="diverged", best_epoch=1)
-    copy = History()
+    history.add(UpdateRecord(4, 4, 8, 0.25, 2.0, 0.01))
+    copy = History(records=[])
     copy.load_state_dict(history.state_dict())
     assert copy == history
     text = history.write(tmp_path / "log.csv").read_text().splitlines()

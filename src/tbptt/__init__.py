@@ -25,7 +25,8 @@ from .gradients import truncated_gradients
 from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import LRU, Mamba, MinGRU, MinLSTM, RecurrentNet
-from .records import History, NonFiniteError, UpdateRecord
+from .memory import GraphMemoryError
+from .records import History, NonFiniteError, UpdateRecord, UpdateStats
 from .schedule import TBPTT, Update
 from .schedules import Schedule, parse_schedule
 from .state import detach, reset_rows
@@ -51,6 +52,8 @@ __all__ = [
     "UpdateRecord",
     "NonFiniteError",
     "History",
+    "UpdateStats",
+    "GraphMemoryError",
     "CheckpointError",
     "DistributedTrainer",
     "DistributedError",

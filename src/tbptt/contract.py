@@ -7,6 +7,7 @@ was expected.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +27,13 @@ def call_model(
     model: nn.Module, inputs: torch.Tensor, state: st.State, weights: Optional[dict[str, torch.Tensor]] = None
 ) -> tuple[torch.Tensor, st.State]:
     """``model(inputs, state)``, or with ``weights`` in place of its own, checked for one output per step."""
-    result = model(inputs, state) if weights is None else functional_call(model, weights, (inputs, state))
+    try:
+        result = model(inputs, state) if weights is None else functional_call(model, weights, (inputs, state))
+    except RuntimeError as exc:
+        mismatch = _dtype_mismatch(model, inputs, exc)
+        if mismatch:
+            raise TypeError(mismatch) from exc
+        raise
     if not (isinstance(result, tuple) and len(result) == 2):
         length = f" of length {len(result)}" if isinstance(result, tuple) else ""
         raise TypeError(
@@ -49,6 +56,60 @@ def call_model(
     return outputs, new_state
 
 
+_DTYPE_WORDS = re.compile(r"dtype|scalar type|type torch\.|Float|Double|Half|BFloat16|Long|Int\b|Byte|Bool")
+
+
+def _dtype_mismatch(model: nn.Module, inputs: torch.Tensor, exc: Exception) -> str:
+    """What to change when ``model`` failed on ``inputs`` of another dtype than its weights ("" when
+    that is not the failure)."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if weights is None or inputs.dtype == weights or not _DTYPE_WORDS.search(str(exc)):
+        return ""
+    fix = (f"convert the inputs (inputs.to({weights})) or the model (model.to({inputs.dtype})) so that they agree"
+           if inputs.is_floating_point() or inputs.is_complex() else
+           f"convert the inputs (inputs.to({weights})), or, if they are indices, look them up with an nn.Embedding first")
+    return (f"the model failed on inputs of dtype {inputs.dtype} while its weights are {weights} "
+            f"({str(exc).splitlines()[0]}); {fix}")
+
+
+def require_gradient(loss: torch.Tensor, outputs: Optional[torch.Tensor], trainable: int) -> None:
+    """Raise a ``TypeError`` saying what cut the graph unless an update's ``loss`` can be
+    differentiated: ``outputs`` are the model's (None when not at hand); ``trainable`` counts the
+    parameters that require a gradient."""
+    if loss.requires_grad:
+        return
+    if not torch.is_grad_enabled():
+        why = "training ran with gradients disabled (under torch.no_grad() or torch.inference_mode()); call it outside"
+    elif trainable == 0:
+        why = "the model has no parameter that requires a gradient; unfreeze some (requires_grad_(True))"
+    elif outputs is not None and outputs.requires_grad:
+        why = ("loss_fn(outputs, targets) returned losses without a gradient: compute them from outputs with torch "
+               "operations, not .item(), .detach(), .numpy() or under torch.no_grad()")
+    else:
+        why = ("the model's outputs carry no gradient: its forward cuts the graph (.detach(), torch.no_grad(), "
+               ".numpy()) or does not use its parameters")
+    raise TypeError(f"the update's loss does not depend on the weights, so there is nothing to train: {why}")
+
+
+def check_state_rows(model: nn.Module, state: st.State, rows: int) -> None:
+    """Raise a ``ValueError`` if no tensor of the state a model returned has a dimension of size
+    ``rows`` (B, the streams): the mark of a time-first model (an nn.LSTM without
+    ``batch_first=True``) fed batch-first inputs, which reads the time axis as the batch."""
+    leaves = st.tensors(state)
+    # recurrent states are at least 2-D ([B, H], [layers, B, H]); a scalar state (a step count) is left alone
+    if not any(t.dim() >= 2 for t in leaves) or any(rows in t.shape for t in leaves):
+        return
+    time_first = [name or type(model).__name__ for name, m in model.named_modules()
+                  if isinstance(m, nn.RNNBase) and not m.batch_first]
+    hint = (f"; {', '.join(time_first)} {'is' if len(time_first) == 1 else 'are'} time-first (batch_first=False): "
+            "build with batch_first=True" if time_first else "; is the model time-first?")
+    raise ValueError(
+        f"the model's state has no dimension of size B={rows} (the streams): shapes {st.shapes(state)}. The "
+        f"engine feeds batch-first inputs [B, T, ...], and a time-first model reads T as the batch{hint} "
+        "(or transpose inside forward)"
+    )
+
+
 def step_losses(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -66,6 +127,8 @@ def step_losses(
             f"loss_fn(outputs, targets) must return per-step losses [B, T] = {expected}; got {got}. "
             "Use reduction='none' and average over any feature dimensions"
         )
+    if outputs.requires_grad and not losses.requires_grad:
+        require_gradient(losses, outputs, 1)
     return losses
 
 

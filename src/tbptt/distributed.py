@@ -23,12 +23,16 @@ from . import state as st
 from .data.streams import Split, as_split
 from .engine import UpdateResult
 from .records import History
+from .saved import Fields
 from .stream_state import StreamState, merge_rows
 from .trainer import Trainer
-from .validate import one_of, positive_number
+from .validate import one_of, positive_int, positive_number
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a collective may wait for the other ranks before the job fails."""
+
+DRIFT_CHECK_EVERY = 100
+"""Updates between two comparisons of the ranks' parameters, by default."""
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -67,31 +71,49 @@ def init_from_env(backend: Optional[str] = None, timeout: float = DEFAULT_TIMEOU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # without it a timed-out NCCL collective blocks forever instead of raising
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    except RuntimeError as exc:  # the rendezvous' store errors (a rank that never joined) included
+        raise DistributedError(
+            f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: joining the process group at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed within {timeout:g} s; is every rank "
+            f"started, with the same MASTER_ADDR and MASTER_PORT? {exc}"
+        ) from exc
     return dist.get_rank(), dist.get_world_size()
 
 
 class DistributedTrainer(Trainer):
     """A ``Trainer`` for one rank of a data-parallel job on an initialised process group.
 
-    Takes ``Trainer``'s arguments and ``group`` (None: the default group). Rank 0's parameters
-    and buffers are broadcast at construction. Give each rank its own rows (``shard``) and the
-    same validation split; every update is then the update one process would make with all the
-    rows (``reduce``). ``fit`` checkpoints through rank 0 (``save_checkpoint``/``load_checkpoint``).
+    Takes ``Trainer``'s arguments, ``group`` (None: the default group) and ``check_every``. At
+    construction the ranks compare what they must agree on (the model's parameter names, shapes and
+    dtypes; the optimizer's class and each group's hyper-parameters; clipping, schedule, errors,
+    strategy, non-finite rule, checkpointed segments) and fail with a ``DistributedError`` naming
+    the setting and the ranks; then rank 0's parameters and buffers are broadcast. Every
+    ``check_every`` updates (default 100; None: never) the ranks compare checksums of their
+    parameters, so that weights drifting apart (an optimizer or scheduler changed on one rank) stop
+    the run. Give each rank its own rows (``shard``) and the same validation split; every update is
+    then the update one process would make with all the rows (``reduce``). ``fit`` checkpoints
+    through rank 0 (``save_checkpoint``/``load_checkpoint``).
     """
 
-    def __init__(self, *args: Any, group: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, group: Optional[dist.ProcessGroup] = None,
+                 check_every: Optional[int] = DRIFT_CHECK_EVERY, **kwargs: Any) -> None:
         if not dist.is_initialized():
             raise DistributedError(
                 "DistributedTrainer needs an initialised process group: call "
                 "tbptt.distributed.init_from_env() under torchrun, or torch.distributed.init_process_group()"
             )
+        positive_int(check_every, "check_every", "updates between checks of the ranks' weights", "never")
         super().__init__(*args, **kwargs)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._root = 0 if group is None else dist.get_global_rank(group, 0)
         self._rows: Optional[int] = None
+        self.check_every = check_every
+        self._updates_seen = 0
+        self._agree(self._settings(), "every rank must build the same model, optimizer and trainer")
         self._broadcast_model()
         self._share_plan()
 
@@ -111,10 +133,34 @@ class DistributedTrainer(Trainer):
 
         return combine_ranks(result, self.engine.named_parameters(), summed)
 
-    def check_consistency(self) -> None:
-        """Raise ``DistributedError`` naming the first parameter or buffer that differs between ranks
-        (compared by three float64 checksums per tensor: cheap enough to call every epoch)."""
-        named = self._model_tensors()
+    def data_fingerprint(self, split: Split) -> dict:
+        """The fingerprint of all ranks' rows together (rank order = row order): the same as one
+        process holding every row computes, whatever the number of ranks."""
+        every: list[Any] = [None] * self.world_size
+        self._collective(dist.all_gather_object, every, split.checksums(), what="fingerprinting the training data")
+        return split.fingerprint(torch.cat(every))
+
+    def after_update(self, record: Any) -> None:
+        """Every ``check_every`` updates, compare the ranks' parameters (``check_drift``)."""
+        self._updates_seen += 1
+        if self.check_every is not None and self._updates_seen % self.check_every == 0:
+            self.check_drift()
+
+    def check_drift(self) -> None:
+        """Raise ``DistributedError`` naming the first parameter that differs between ranks: one
+        small all-reduce of three float64 checksums per parameter (max and min over the ranks), and
+        an all-gather to name the rank only when they differ."""
+        sums = torch.stack([_checksum(p) for _, p in self.model.named_parameters()]).to(self._device())
+        both = torch.cat([sums, -sums])
+        self._collective(dist.all_reduce, both, dist.ReduceOp.MAX, what="comparing the ranks' weights")
+        if bool((both[: len(sums)] != -both[len(sums):]).any()):
+            self.check_consistency(list(self.model.named_parameters()))
+
+    def check_consistency(self, named: Optional[list[tuple[str, torch.Tensor]]] = None) -> None:
+        """Raise ``DistributedError`` naming the first parameter or buffer (or tensor of ``named``)
+        that differs between ranks (compared by three float64 checksums per tensor: cheap enough to
+        call every epoch)."""
+        named = self._model_tensors() if named is None else named
         sums = torch.stack([_checksum(t) for _, t in named]).to(self._device())
         every = [torch.empty_like(sums) for _ in range(self.world_size)]
         self._collective(dist.all_gather, every, sums, what="the consistency check")
@@ -124,7 +170,7 @@ class DistributedTrainer(Trainer):
                 more = f" (and {len(differs) - 1} more tensors)" if len(differs) > 1 else ""
                 raise DistributedError(
                     f"rank {r} holds a different {named[differs[0]][0]!r} than rank 0{more}: ranks have drifted "
-                    "apart; was the model changed outside the trainer on some rank?"
+                    "apart; was the model, the optimizer or a scheduler changed outside the trainer on some rank?"
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -143,13 +189,14 @@ class DistributedTrainer(Trainer):
             "options": repr(sorted((k, v) for k, v in options.items()
                                    if k in ("segment_length", "checkpoint_every", "patience", "scheduler_interval",
                                             "resume", "restore_best"))),
-            "valid split": None if valid is None else _fingerprint(as_split(valid, "valid")),
+            "valid split": None if valid is None else as_split(valid, "valid").fingerprint(),
             "checkpoint path": None if checkpoint is None else os.path.abspath(checkpoint),
         }
         if checkpoint is not None:
             facts["rows of train"] = self._rows
             facts["checkpoint exists"] = os.path.exists(checkpoint)
-        self._agree(facts)
+        self._agree(facts, "every rank must train on the same number of steps with the same settings and "
+                    "validate on the same split")
         if self.rank != 0:
             options = {**options, "log": None, "progress": False}
         return super().fit(train, epochs, valid, **options)
@@ -183,8 +230,9 @@ class DistributedTrainer(Trainer):
         streams. On as many ranks as saved, each rank gets back exactly its own stream and RNG
         states; on another number, its share of all rows, and ranks past 0 keep their RNG."""
         saved = ckpt.load(path)
-        engine = saved["engine"]
-        rows = engine.get("batch_size")
+        f = Fields(saved, "")
+        engine = StreamState.from_dict(f.raw("engine")).to_dict()
+        rows = engine["batch_size"]
         if rows is not None and self._rows is not None and rows != self._rows * self.world_size:
             raise ckpt.CheckpointError(
                 f"{path} holds {rows} streams but {self.world_size} ranks train {self._rows} rows each "
@@ -192,8 +240,12 @@ class DistributedTrainer(Trainer):
             )
         if saved.get("world_size") == self.world_size:
             # the same ranks: each takes back exactly what it held (bit for bit, as one process does)
-            saved["engine"] = shard_streams(saved["engine_ranks"][self.rank], 0, 1, self._device())
-            saved["rng"] = saved["rng_ranks"][self.rank]
+            mine, rng = (f.list(key) for key in ("engine_ranks", "rng_ranks"))
+            if len(mine) != self.world_size or len(rng) != self.world_size:
+                raise ckpt.CheckpointError(f"{path}: checkpoint fields engine_ranks and rng_ranks must hold "
+                                           f"{self.world_size} ranks' states; they hold {len(mine)} and {len(rng)}")
+            saved["engine"] = shard_streams(mine[self.rank], 0, 1, self._device(), f"engine_ranks[{self.rank}]")
+            saved["rng"] = rng[self.rank]
             return saved
         try:
             saved["engine"] = shard_streams(engine, self.rank, self.world_size, self._device())
@@ -241,17 +293,36 @@ class DistributedTrainer(Trainer):
 
         engine.combine = combine
 
-    def _agree(self, facts: dict[str, Any]) -> None:
+    def _settings(self) -> dict[str, Any]:
+        """What every rank must have alike, as plain data: the model's tensors, the optimizer and
+        the trainer's settings."""
+        facts: dict[str, Any] = {"parameter names": [n for n, _ in self._model_tensors()]}
+        for name, t in self._model_tensors():
+            facts[f"parameter {name}"] = f"shape {tuple(t.shape)}, {t.dtype}"
+        facts["optimizer"] = type(self.optimizer).__name__
+        facts["optimizer param groups"] = len(self.optimizer.param_groups)
+        for i, group in enumerate(self.optimizer.param_groups):
+            facts[f"optimizer group {i} parameters"] = len(group["params"])
+            for key, value in sorted((k, v) for k, v in group.items() if k != "params"):
+                facts[f"optimizer group {i} {key}"] = value.tolist() if isinstance(value, torch.Tensor) else value
+        facts.update({"clip_grad_norm": self.clip_grad_norm, "schedule": str(self.schedule),
+                      "errors": self.schedule.errors, "strategy": self.strategy, "nonfinite": self.nonfinite,
+                      "checkpoint_segments": self.engine.checkpoint_segments, "check_every": self.check_every})
+        return facts
+
+    def _agree(self, facts: dict[str, Any], rule: str) -> None:
+        """Raise ``DistributedError`` naming the first of ``facts`` on which ranks differ, and which
+        ranks hold which value."""
         every: list[Any] = [None] * self.world_size
         self._collective(dist.all_gather_object, every, facts, what="comparing the ranks' settings")
-        for key in facts:
-            values = [f.get(key) for f in every]
+        for key in list(facts) + [k for f in every for k in f if k not in facts]:
+            values = [f.get(key, "(missing)") for f in every]
             if any(v != values[0] for v in values):
-                raise DistributedError(
-                    f"ranks disagree on {key}: {', '.join(f'rank {r}: {v!r}' for r, v in enumerate(values))}; "
-                    "every rank must train on the same number of steps with the same settings and "
-                    "validate on the same split"
-                )
+                ranks: dict[str, list[int]] = {}
+                for r, v in enumerate(values):
+                    ranks.setdefault(repr(v), []).append(r)
+                held = "; ".join(f"{v} on rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}" for v, rs in ranks.items())
+                raise DistributedError(f"ranks disagree on {key}: {held}; {rule}")
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Every rank stops if any rank wants to (its clock ran out, a callback said so, its
@@ -306,22 +377,16 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.sum(), (x * x).sum(), (x * where).sum()]).cpu()
 
 
-def _fingerprint(split: Any) -> tuple:
-    """Shapes and float64 sums of a split: equal on every rank when each has the same split."""
-    parts = [split.inputs, split.targets, split.mask, split.resets]
-    return tuple(None if p is None else (tuple(p.shape), float(p.double().sum())) for p in parts)
-
-
 def streams_to_cpu(saved: dict) -> dict:
     """A copy of an engine state (``StreamEngine.state_dict``) on the CPU, sharing no storage."""
     # a copy: the open block's steps are views of the whole split, whose storage pickling would carry
     return StreamState.from_dict(saved).map_tensors(lambda x: x.detach().to("cpu", copy=True)).to_dict()
 
 
-def shard_streams(saved: dict, rank: int, world: int, device: Any = "cpu") -> dict:
+def shard_streams(saved: Any, rank: int, world: int, device: Any = "cpu", where: str = "engine") -> dict:
     """Rank ``rank`` of ``world``'s contiguous share of the rows of an engine state of all rows
-    (``StreamEngine.state_dict``), its tensors on ``device``."""
-    streams = StreamState.from_dict(saved)
+    (``StreamEngine.state_dict``; checkpoint field ``where``), its tensors on ``device``."""
+    streams = StreamState.from_dict(saved, where)
     rows = streams.batch_size
     if rows is not None and world > 1:
         if rows % world:

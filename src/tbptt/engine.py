@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -37,12 +37,13 @@ from .adaptive import AdaptivePlan
 from .artbp import ARTBP
 from .checkpointing import Segments, check_segments, checkpointed_call, segment_cuts
 from .compensation import run_compensated, uniforms
-from .contract import LossFn, call_model, masked_sum, step_losses
+from .contract import LossFn, call_model, check_state_rows, masked_sum, require_gradient, step_losses
 from .lagscan import measured_curve
-from .schedule import Update
+from .schedule import Plan, Update
 from .schedules import Schedule, check_schedule, reaches_earlier_blocks
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
+from .saved import CheckpointError
 from .stream_state import StreamState
 from .validate import one_of
 
@@ -138,6 +139,12 @@ class StreamEngine:
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
 
     @property
+    def overlapping(self) -> bool:
+        """Whether activations are kept across updates (``stored`` with windows reaching into
+        earlier blocks)."""
+        return self._overlapping
+
+    @property
     def state(self) -> st.State:
         """The carried state at the start of the open block (detached)."""
         return self._states[self.previous]
@@ -160,15 +167,20 @@ class StreamEngine:
             self.forward_steps, self.backward_steps, snapshots, segments, plan,
         ).to_dict()
 
-    def load_state_dict(self, saved: dict) -> None:
-        """Continue the streams saved by ``state_dict``."""
+    def load_state_dict(self, saved: Any) -> None:
+        """Continue the streams saved by ``state_dict``, every field checked first: a missing,
+        mistyped or impossible one, or streams of another schedule or strategy, is a
+        ``CheckpointError`` naming it, and the engine is left as it was."""
+        streams = StreamState.from_dict(saved)
         for key, mine in (("schedule", str(self.schedule)), ("strategy", self.strategy)):
-            if saved.get(key) != mine:
-                raise ValueError(
-                    f"the saved streams were run with {key} {saved.get(key)!r}, this engine uses "
+            if getattr(streams, key) != mine:
+                raise CheckpointError(
+                    f"the saved streams were run with {key} {getattr(streams, key)!r}, this engine uses "
                     f"{mine!r}; resume with the same {key}"
                 )
-        streams = StreamState.from_dict(saved)
+        plan = self._saved_plan(streams.plan)
+        streams.check_resumable(min(plan.reach(streams.previous), streams.previous), self._overlapping,
+                                {n: tuple(p.shape) for n, p in self.named_parameters()})
         self.reset()
         self.position, self.previous = streams.position, streams.previous
         self._states = dict(streams.states)
@@ -176,13 +188,34 @@ class StreamEngine:
             self._steps.append(chunk)
         self._batch_size, self._state_shapes = streams.batch_size, streams.state_shapes
         snapshots = [{n: w.clone().requires_grad_(True) for n, w in snap.items()} for snap in streams.snapshots]
-        with torch.enable_grad():
-            for seg in streams.segments:
-                self._segments.append(self._run_segment(seg.start, seg.stop, seg.in_state,
-                                                        snapshots[seg.weights], seg.random))
+        try:
+            with torch.enable_grad():
+                for seg in streams.segments:
+                    self._segments.append(self._run_segment(seg.start, seg.stop, seg.in_state,
+                                                            snapshots[seg.weights], seg.random))
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            self.reset()
+            raise CheckpointError(f"checkpoint field engine.segments could not be run again: {exc}") from exc
         # rebuilding is not new work
         self.forward_steps, self.backward_steps = streams.forward_steps, streams.backward_steps
         self.load_plan(streams.plan)
+
+    def _saved_plan(self, saved: dict) -> Plan:
+        """A plan holding the saved draws and choices, to check them before anything is changed."""
+        plan = self.schedule.plan(None if self.generator is None else uniforms(torch.Generator()))
+        try:
+            plan.load_state_dict(saved.get("plan", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint field engine.plan.plan does not hold {self.schedule}'s draws and "
+                                  f"choices ({type(exc).__name__}: {exc})") from None
+        if self.generator is not None:
+            if "generator" not in saved:
+                raise CheckpointError(f"checkpoint field engine.plan.generator is missing: {self.schedule} draws from it")
+            try:
+                torch.Generator().set_state(saved["generator"])
+            except (RuntimeError, TypeError) as exc:
+                raise CheckpointError(f"checkpoint field engine.plan.generator is not a generator's state: {exc}") from None
+        return plan
 
     def load_plan(self, saved: dict) -> None:
         """Continue the draws and choices saved with the streams (``state_dict()["plan"]``)."""
@@ -287,6 +320,7 @@ class StreamEngine:
         outputs, new_state = call_model(self.model, inputs, state, weights)
         shapes = st.shapes(new_state)
         if self._state_shapes is None:
+            check_state_rows(self.model, new_state, inputs.shape[0])
             self._state_shapes = shapes
         elif shapes != self._state_shapes:
             raise ValueError(
@@ -354,6 +388,7 @@ class StreamEngine:
         total, count = masked_sum(losses, errors.mask)
         loss = total / count.clamp_min(1)
         named = self.named_parameters()
+        require_gradient(loss, outputs, len(named))
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
 
@@ -420,5 +455,7 @@ class StreamEngine:
         window = [s for s in self._segments if s.start >= update.start]
         if not window or window[0].start != update.start:
             raise RuntimeError(f"internal: no stored segment starts at window start {update.start}")
+        if not any(s.step_losses.requires_grad for s in window):
+            require_gradient(window[-1].step_losses, None, len(named))
         loss, count, grads = window_gradient(window, update.loss_start, [n for n, _ in named])
         return UpdateResult(update, loss.detach(), grads, count)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Union
+from typing import IO, Any, Callable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -77,6 +77,14 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """``atomic_write`` of a text, UTF-8."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_figure(path: PathLike, figure: Any) -> Path:
+    """``atomic_write`` of a figure (anything with matplotlib's ``savefig(file, format=...)``), in the
+    format its suffix names (``.png``, ``.svg``, ``.pdf``; PNG without one)."""
+    path = Path(path)
+    kind = path.suffix[1:].lower() or "png"
+    return atomic_write(path, lambda f: figure.savefig(f, format=kind))
 
 
 def check_writable(path: PathLike, what: str, folder: bool = False) -> Path:

@@ -10,7 +10,6 @@ checkpoint so that a resumed run goes on from the same segment.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,9 +22,11 @@ from . import checkpoint as ckpt
 from .contract import Metric, masked_sum, step_losses
 from .data.streams import Split, as_split
 from .engine import StreamEngine
-from .files import PathLike
-from .records import History, UpdateRecord
-from .validate import non_negative_number, one_of, positive_int
+from .files import PathLike, check_writable
+from .memory import check_graph_memory
+from .records import History, UpdateRecord, UpdateStats
+from .saved import CheckpointError, Fields
+from .validate import InvalidArgument, non_negative_number, one_of, positive_int
 
 
 class FitTrainer(Protocol):
@@ -52,6 +53,8 @@ class FitTrainer(Protocol):
     def load_checkpoint(self, path: Any) -> dict: ...
 
     def agree_to_stop(self, stop: bool) -> bool: ...
+
+    def data_fingerprint(self, split: Split) -> dict: ...
 
 
 class Callback(Protocol):
@@ -80,9 +83,18 @@ class FitOptions:
     log: Optional[PathLike] = None
     progress: Optional[bool] = None
     max_seconds: Optional[float] = None
+    keep_updates: bool = False
+    allow_data_change: bool = False
+    max_graph_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         positive_int(self.epochs, "epochs")
+        for flag in ("restore_best", "resume", "keep_updates", "allow_data_change"):
+            one_of(getattr(self, flag), flag, (False, True))
+        one_of(self.progress, "progress", (None, False, True))
+        positive_int(self.max_graph_bytes, "max_graph_bytes", "bytes", "the memory available on the device")
+        if self.log is not None and Path(self.log).suffix not in (".jsonl", ".csv"):
+            raise InvalidArgument("log", str(self.log), "a path ending in .jsonl or .csv")
         positive_int(self.segment_length, "segment_length", "steps per train_on call", "the whole split")
         one_of(self.scheduler_interval, "scheduler_interval", ("epoch", "update"))
         positive_int(self.patience, "patience", "epochs without improvement", "no early stopping")
@@ -100,17 +112,27 @@ class FitOptions:
 @dataclass
 class FitProgress:
     """Where a fit stands: the epoch and the next segment in it, early stopping's best monitored
-    loss and epochs without improvement, seconds trained before this process, and how the data
-    were cut (a resume must cut them the same way)."""
+    loss and epochs without improvement, seconds trained before this process, how the data were cut
+    (a resume must cut them the same way) and the training data's fingerprint (``Split.fingerprint``:
+    a resume on other data is refused unless allowed)."""
 
     epoch: int = 0
     piece: int = 0
     best: float = math.inf
     bad_epochs: int = 0
     elapsed: float = 0.0
-    epoch_first_update: int = 0
     segment_length: Optional[int] = None
     steps: int = 0
+    data: Optional[dict] = None
+
+    @classmethod
+    def from_dict(cls, saved: Any, pieces: int) -> "FitProgress":
+        """The progress a checkpoint saved, every field checked (``CheckpointError`` naming it)."""
+        f = Fields(saved, "fit")
+        return cls(epoch=f.int("epoch"), piece=f.int("piece", high=pieces), best=f.number("best"),
+                   bad_epochs=f.int("bad_epochs"), elapsed=f.number("elapsed", low=0.0, finite=True),
+                   segment_length=f.int("segment_length", low=1, none=True), steps=f.int("steps", low=1),
+                   data=f.dict("data", none=True))
 
 
 def pieces(steps: int, length: Optional[int]) -> list[tuple[int, int]]:
@@ -122,10 +144,6 @@ def pieces(steps: int, length: Optional[int]) -> list[tuple[int, int]]:
 
 def _cut(t: Optional[torch.Tensor], a: int, b: int) -> Optional[torch.Tensor]:
     return None if t is None else t[:, a:b]
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def evaluate(
@@ -158,16 +176,18 @@ def evaluate(
     return result
 
 
-def epoch_summary(trainer: FitTrainer, epoch: int, records: list[UpdateRecord]) -> dict[str, Any]:
-    """The training half of an epoch's row in the history."""
-    applied = [r for r in records if not r.skipped]
+def epoch_summary(trainer: FitTrainer, epoch: int, stats: UpdateStats) -> dict[str, Any]:
+    """The training half of an epoch's row in the history, from the summary of its updates."""
     return {
         "epoch": epoch + 1,
-        "train_loss": statistics.fmean(r.loss for r in applied) if applied else float("nan"),
-        "updates": len(records),
-        "skipped": len(records) - len(applied),
-        "grad_norm_median": _median([r.grad_norm for r in records]),
-        "grad_norm_max": max((r.grad_norm for r in records), default=float("nan")),
+        "train_loss": stats.train_loss,
+        "updates": stats.updates,
+        "skipped": stats.skipped,
+        "grad_norm_median": stats.grad_norm_median,
+        "grad_norm_max": stats.norm_max,
+        # the window the updates were given: k2, ARTBP's L drawn, AdaptiveTBPTT's k2 in force (None: n)
+        "k2_mean": stats.k2_mean,
+        "k2_last": stats.k2_last,
         "forward_steps": trainer.engine.forward_steps,
         "backward_steps": trainer.engine.backward_steps,
         "lr": trainer.optimizer.param_groups[0]["lr"],
@@ -184,7 +204,7 @@ class FitLoop:
         self.pieces = pieces(self.split.steps, options.segment_length)
         # rows may be shared out over ranks; the time axis may not change
         self.progress = FitProgress(segment_length=options.segment_length, steps=self.split.steps)
-        self.history = History()
+        self.history = History(records=[] if options.keep_updates else None)
         self.best_weights: Optional[dict] = None
         self.started = time.perf_counter()
         self.since_save = 0
@@ -193,15 +213,20 @@ class FitLoop:
     # ------------------------------------------------------------------------------------------
     def run(self) -> History:
         o = self.options
+        # everything that could fail later is checked before the first update
+        for path, name in ((o.log, "log"), (o.checkpoint, "checkpoint")):
+            if path is not None:
+                check_writable(path, name)
+        self.progress.data = self.trainer.data_fingerprint(self.split)
         if o.resume and o.checkpoint is not None and Path(o.checkpoint).exists():
             self._resume()
         else:
             self.trainer.reset_state(flush=False)
+        check_graph_memory(self.trainer.engine, self.split.inputs[:, : (self.pieces[0][1])], self.split.steps,
+                           o.max_graph_bytes)
         self.started = time.perf_counter()
         while self.progress.epoch < o.epochs and not self.stop:
             epoch_started = time.perf_counter()
-            if self.progress.piece == 0:
-                self.progress.epoch_first_update = len(self.history.updates)
             out_of_time = self._run_epoch()
             self._end_epoch(out_of_time, epoch_started)
         if o.restore_best and self.best_weights is not None:
@@ -214,27 +239,46 @@ class FitLoop:
 
     # ------------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        o, trainer = self.options, self.trainer
-        saved = trainer.load_checkpoint(o.checkpoint)
-        ckpt.check_model(saved["model"], trainer.model, o.checkpoint)
-        for key in ("segment_length", "steps"):
-            theirs, mine = saved["fit"].get(key), getattr(self.progress, key)
-            if theirs != mine:
-                raise ckpt.CheckpointError(
-                    f"{o.checkpoint} was written with {key} {theirs} and this run has {mine}; "
-                    "resume on the same data cut the same way, or start afresh"
-                )
+        """Continue from the checkpoint, every field of it checked first: a missing, mistyped or
+        impossible one, or a checkpoint of other data, is a ``CheckpointError`` naming it."""
+        o = self.options
+        path = str(o.checkpoint)
         try:
-            trainer.load_state_dict(saved)
-        except ValueError as exc:
-            raise ckpt.CheckpointError(f"{o.checkpoint}: {exc}") from exc
-        if o.scheduler is not None and saved["scheduler"] is not None:
-            o.scheduler.load_state_dict(saved["scheduler"])
-        self.progress = FitProgress(**saved["fit"])
-        self.history.load_state_dict(saved["history"])
-        self.history.epochs = [e for e in self.history.epochs if not e.get("partial")]  # that epoch goes on now
-        self.history.stopped_by = ""
-        self.best_weights = saved["best_weights"]
+            self._load(self.trainer.load_checkpoint(o.checkpoint))
+        except CheckpointError as exc:
+            if path in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {exc}") from exc
+
+    def _load(self, saved: Any) -> None:
+        """Check every part of ``saved``, then load them all: a refused checkpoint changes nothing."""
+        o, trainer = self.options, self.trainer
+        f = Fields(saved, "")
+        ckpt.check_model(f.raw("model"), trainer.model)
+        progress = FitProgress.from_dict(f.raw("fit"), len(self.pieces))
+        for key in ("segment_length", "steps"):
+            theirs, mine = getattr(progress, key), getattr(self.progress, key)
+            if theirs != mine:
+                raise CheckpointError(f"it was written with {key} {theirs} and this run has {mine}; "
+                                      "resume on the same data cut the same way, or start afresh")
+        if progress.data != self.progress.data and not o.allow_data_change:
+            raise CheckpointError(_other_data(progress.data, self.progress.data))
+        progress.data = self.progress.data
+        history = History(records=self.history.records)
+        history.load_state_dict(f.raw("history"))
+        best = f.raw("best_weights")
+        if best is not None:
+            ckpt.check_model(best, trainer.model, field="best_weights")
+        scheduler = f.dict("scheduler", none=True)
+        if o.scheduler is not None and scheduler is not None:
+            _check_scheduler(o.scheduler, scheduler)
+        ckpt.check_rng_state(f.raw("rng"))
+        trainer.load_state_dict(saved)
+        if o.scheduler is not None and scheduler is not None:
+            o.scheduler.load_state_dict(scheduler)
+        history.epochs = [e for e in history.epochs if not e.get("partial")]  # that epoch goes on now
+        history.stopped_by = ""
+        self.history, self.progress, self.best_weights = history, progress, best
         ckpt.set_rng_state(saved["rng"])
 
     def _save(self) -> bool:
@@ -291,7 +335,7 @@ class FitLoop:
                                         end_of_stream=last, resets=_cut(split.resets, a, b))
         self.progress.piece += 1
         for record in records:
-            self.history.updates.append(record)
+            self.history.add(record)
             for cb in o.callbacks:
                 if hasattr(cb, "on_update"):
                     cb.on_update(self.trainer, record)
@@ -302,8 +346,7 @@ class FitLoop:
 
     def _end_epoch(self, out_of_time: bool, epoch_started: float) -> None:
         o, p, history = self.options, self.progress, self.history
-        records = history.updates[p.epoch_first_update:]
-        info = epoch_summary(self.trainer, p.epoch, records)
+        info = epoch_summary(self.trainer, p.epoch, history.epoch_stats)
         if out_of_time:
             # stopped inside the epoch: reported as partial; the streams stay open, so that a
             # resume from the checkpoint goes on with the rest of this epoch
@@ -314,7 +357,7 @@ class FitLoop:
             if "metric" in result:
                 info["valid_metric"] = result["metric"]
         monitored = info.get("valid_loss", info["train_loss"])
-        if not math.isfinite(monitored) or any("non-finite" in r.reason for r in records):
+        if not math.isfinite(monitored) or history.epoch_stats.nonfinite:
             history.diverged = True
         info["epoch_time"] = time.perf_counter() - epoch_started
         info["wall_time"] = self.elapsed()
@@ -332,6 +375,7 @@ class FitLoop:
         """A whole epoch is done: step the epoch scheduler and keep early stopping's count."""
         o, p = self.options, self.progress
         p.epoch, p.piece = p.epoch + 1, 0
+        self.history.close_epoch()
         if o.scheduler is not None and o.scheduler_interval == "epoch":
             if isinstance(o.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 o.scheduler.step(monitored)
@@ -382,6 +426,34 @@ class _Bar:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _other_data(saved: Optional[dict], mine: Optional[dict]) -> str:
+    """Why a checkpoint's training data are not this run's, in words."""
+    what = "values"
+    if saved is None or mine is None:
+        what = "fingerprint"
+    elif saved.get("shapes") != mine.get("shapes"):
+        what = f"shapes ({saved.get('shapes')} then, {mine.get('shapes')} now)"
+    elif saved.get("dtypes") != mine.get("dtypes"):
+        what = f"dtypes ({saved.get('dtypes')} then, {mine.get('dtypes')} now)"
+    return (f"it was written while training on other data (their {what} differ); resume on the same "
+            "data, or pass allow_data_change=True (tbptt train: --allow-data-change) to go on with these")
+
+
+def _check_scheduler(scheduler: Any, saved: dict) -> None:
+    """Raise a ``CheckpointError`` unless a scheduler's saved state has its own fields, of their kinds."""
+    mine = scheduler.state_dict()
+    for key, value in mine.items():
+        if key not in saved:
+            raise CheckpointError(f"checkpoint field scheduler.{key} is missing (was the checkpoint written with "
+                                  f"another scheduler than {type(scheduler).__name__}?)")
+        theirs = saved[key]
+        numbers = (int, float)
+        same = (isinstance(theirs, numbers) and isinstance(value, numbers) and not isinstance(theirs, bool)) or (
+            type(theirs) is type(value)) or value is None or theirs is None
+        if not same or (isinstance(value, (list, tuple)) and len(theirs) != len(value)):
+            raise CheckpointError(f"checkpoint field scheduler.{key} must be like {value!r}; got {theirs!r}")
 
 
 def fit(trainer: FitTrainer, train: Any, valid: Any = None, **options: Any) -> History:

@@ -8,6 +8,7 @@ what ``str()`` writes (``"TBPTT(10,40)"``, ``"ARTBP(10,30)"``, ``"AdaptiveTBPTT(
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Union
 
 from .adaptive import AdaptiveTBPTT
@@ -38,6 +39,18 @@ def reaches_earlier_blocks(schedule: Schedule) -> bool:
     if isinstance(schedule, (ARTBP, AdaptiveTBPTT)):
         return True
     return schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
+
+
+def longest_window(schedule: Schedule) -> Optional[int]:
+    """The longest window ``schedule`` backpropagates through (None: the whole stream so far):
+    TBPTT's k2; AdaptiveTBPTT's max_k2 (its measurements' window too); for ARTBP, whose J is
+    unbounded, the window that one update in a million exceeds, ``k1 + ceil(log(1e-6) / log(q))``."""
+    if isinstance(schedule, AdaptiveTBPTT):
+        return schedule.max_k2
+    if isinstance(schedule, ARTBP):
+        q = schedule.q
+        return schedule.k1 + (0 if q == 0 else math.ceil(math.log(1e-6) / math.log(q)))
+    return schedule.k2
 
 
 def _split(body: str, prefix: str) -> Optional[str]:

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from . import state as st
 from .contract import call_model
+from .saved import CheckpointError, Fields, bad, integer, nesting, tensor, tensor_dict
 from .steps import StepBuffer, Steps, reset_positions
 
 
@@ -78,25 +79,67 @@ class StreamState:
         }
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> "StreamState":
-        """The state ``to_dict`` wrote."""
-        shapes = saved["state_shapes"]
-        return cls(
-            schedule=saved["schedule"],
-            strategy=saved["strategy"],
-            position=saved["position"],
-            previous=saved["previous"],
-            states=dict(saved["states"]),
-            chunks=[Steps(*c) for c in saved["chunks"]],
-            reset_positions=list(saved["reset_positions"]),
-            batch_size=saved["batch_size"],
+    def from_dict(cls, saved: Any, where: str = "engine") -> "StreamState":
+        """The state ``to_dict`` wrote, every field checked: a missing, mistyped or impossible one (a
+        negative position, ``previous`` past ``position``, steps that do not join up) is a
+        ``CheckpointError`` naming it (``where`` is the dict's path in the checkpoint)."""
+        f = Fields(saved, where)
+        position = f.int("position")
+        previous = f.int("previous", high=position)
+        batch_size = f.int("batch_size", low=1, none=True)
+        snapshots = [tensor_dict(s, f"{f.path('snapshots')}[{i}]") for i, s in enumerate(f.list("snapshots"))]
+        chunks = _read_chunks(f, position, previous, batch_size)
+        shapes = f.raw("state_shapes")
+        if shapes is not None and not (isinstance(shapes, (list, tuple)) and all(
+                isinstance(s, (list, tuple)) and all(integer(n, f.path("state_shapes")) is not None for n in s)
+                for s in shapes)):
+            raise bad(f.path("state_shapes"), "None or a list of shapes (lists of ints)", shapes)
+        streams = cls(
+            schedule=f.str("schedule"),
+            strategy=f.str("strategy", ("recompute", "stored")),
+            position=position,
+            previous=previous,
+            states=_read_states(f, position, previous),
+            chunks=chunks,
+            reset_positions=[integer(p, f"{f.path('reset_positions')}[{i}]", high=position)
+                             for i, p in enumerate(f.list("reset_positions"))],
+            batch_size=batch_size,
             state_shapes=None if shapes is None else [tuple(s) for s in shapes],
-            forward_steps=saved["forward_steps"],
-            backward_steps=saved["backward_steps"],
-            snapshots=list(saved["snapshots"]),
-            segments=[SegmentEntry(**s) for s in saved["segments"]],
-            plan=dict(saved.get("plan", {})),
+            forward_steps=f.int("forward_steps"),
+            backward_steps=f.int("backward_steps"),
+            snapshots=snapshots,
+            segments=_read_segments(f, len(snapshots), previous, chunks),
+            plan=_read_plan(f),
         )
+        return streams
+
+    def check_resumable(self, first: int, overlapping: bool, parameters: dict[str, tuple[int, ...]]) -> None:
+        """Raise a ``CheckpointError`` unless these streams hold what the next updates need from step
+        ``first`` on (the schedule's plan says where their windows start): the entering state and
+        steps there (or, when activations are kept across updates, a kept segment starting there),
+        states of the saved shapes, and weight snapshots of the ``parameters`` (names and shapes) of
+        the model."""
+        previous = self.previous
+        if overlapping:
+            if first < previous and first not in {seg.start for seg in self.segments}:
+                raise CheckpointError(f"checkpoint field engine.segments has no segment starting at step {first}, "
+                                      "where the next window starts")
+        elif first not in self.states:
+            raise CheckpointError(f"checkpoint field engine.states lacks the state at step {first}, where the next "
+                                  "window starts")
+        if first < previous and (not self.chunks or self.chunks[0].start > first):
+            raise CheckpointError(f"checkpoint field engine.chunks must hold the steps from {first} on, which the "
+                                  "next window runs through")
+        if self.state_shapes is not None:
+            for where, state in [*((f"states[{k}]", v) for k, v in self.states.items()),
+                                 *((f"segments[{i}].in_state", s.in_state) for i, s in enumerate(self.segments))]:
+                if state is not None and st.shapes(state) != self.state_shapes:
+                    raise CheckpointError(f"checkpoint field engine.{where} has shapes {st.shapes(state)}; the "
+                                          f"model's state has {self.state_shapes}")
+        for i, snap in enumerate(self.snapshots):
+            if {n: tuple(w.shape) for n, w in snap.items()} != parameters:
+                raise CheckpointError(f"checkpoint field engine.snapshots[{i}] does not hold the model's trainable "
+                                      "parameters with their shapes")
 
     # ------------------------------------------------------------------------------------------
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "StreamState":
@@ -247,3 +290,77 @@ def _take_rows(state: st.State, rows: int, a: int, b: int) -> st.State:
 def _resized(shape: tuple[int, ...], rows: int, new_rows: int) -> tuple[int, ...]:
     d = rows_dim(tuple(shape), rows)
     return tuple(new_rows if i == d else n for i, n in enumerate(shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a saved state back, field by field
+def _read_states(f: Fields, position: int, previous: int) -> dict[int, st.State]:
+    states = f.dict("states")
+    for key, value in states.items():
+        integer(key, f"{f.path('states')} key", high=position)
+        nesting(value, f"{f.path('states')}[{key}]")
+    if previous not in states:
+        raise CheckpointError(f"checkpoint field {f.path('states')} lacks the state at step {previous}, where the "
+                              "open block starts")
+    return states
+
+
+def _read_chunks(f: Fields, position: int, previous: int, batch_size: Optional[int]) -> list[Steps]:
+    """The buffered steps: consecutive ``(start, inputs, targets, mask, resets)`` of the streams' rows,
+    ending at ``position`` and holding the open block ``[previous, position)``."""
+    chunks = []
+    for i, raw in enumerate(f.list("chunks")):
+        where = f"{f.path('chunks')}[{i}]"
+        if not isinstance(raw, (list, tuple)) or len(raw) != 5:
+            raise bad(where, "(start, inputs, targets, mask, resets)", raw)
+        start = integer(raw[0], f"{where}.start", high=position)
+        inputs, targets = tensor(raw[1], f"{where}.inputs"), tensor(raw[2], f"{where}.targets")
+        mask, resets = (tensor(raw[3], f"{where}.mask", torch.bool, none=True),
+                        tensor(raw[4], f"{where}.resets", torch.bool, none=True))
+        if inputs.dim() < 2 or inputs.shape[1] == 0 or (batch_size is not None and inputs.shape[0] != batch_size):
+            raise bad(f"{where}.inputs", f"[{batch_size or 'B'}, T >= 1, ...]", inputs)
+        for name, t in (("targets", targets), ("mask", mask), ("resets", resets)):
+            if t is not None and (t.dim() < 2 or tuple(t.shape[:2]) != tuple(inputs.shape[:2])):
+                raise bad(f"{where}.{name}", f"a tensor of the inputs' [B, T] {tuple(inputs.shape[:2])}", t)
+        if chunks and start != chunks[-1].stop:
+            raise bad(f"{where}.start", f"{chunks[-1].stop}, where the steps before it end", start)
+        chunks.append(Steps(start, inputs, targets, mask, resets))
+    end = chunks[-1].stop if chunks else None
+    if (chunks and end != position) or (position > previous and (not chunks or chunks[0].start > previous)):
+        raise CheckpointError(f"checkpoint field {f.path('chunks')} must hold the steps of the open block "
+                              f"[{previous}, {position}) and end at {position}; they cover "
+                              f"{[chunks[0].start, end] if chunks else 'nothing'}")
+    return chunks
+
+
+def _read_plan(f: Fields) -> dict[str, Any]:
+    """The schedule's plan (ARTBP's draws, AdaptiveTBPTT's choices): a dict whose generator state, if
+    any, is a uint8 tensor; absent (``{}``) in checkpoints written before schedules had one. What the
+    plan itself holds is checked when the schedule's plan loads it."""
+    if "plan" not in f.saved:
+        return {}
+    plan = Fields(f.dict("plan"), f.path("plan"))
+    if "generator" in plan.saved:
+        plan.tensor("generator", torch.uint8)
+    if "measure_steps" in plan.saved:
+        plan.int("measure_steps")
+    if "plan" in plan.saved:
+        plan.dict("plan")
+    return dict(plan.saved)
+
+
+def _read_segments(f: Fields, snapshots: int, previous: int, chunks: list[Steps]) -> list[SegmentEntry]:
+    segments = []
+    first = chunks[0].start if chunks else previous
+    for i, raw in enumerate(f.list("segments")):
+        g = Fields(raw, f"{f.path('segments')}[{i}]")
+        start = g.int("start", low=first if not segments else segments[-1].stop)
+        stop = g.int("stop", low=start + 1, high=previous)
+        random = g.dict("random")
+        Fields(random, g.path("random")).tensor("cpu", torch.uint8)
+        Fields(random, g.path("random")).bool("training")
+        segments.append(SegmentEntry(start, stop, nesting(g.raw("in_state"), g.path("in_state")),
+                                     g.int("weights", high=snapshots - 1), random))
+    if segments and segments[-1].stop != previous:
+        raise bad(f"{f.path('segments')}[-1].stop", f"{previous}, where the open block starts", segments[-1].stop)
+    return segments

@@ -1,7 +1,8 @@
 """The trainer: applies each TBPTT update of the engine with an optimizer.
 
-``train_on`` continues one stream per batch row across calls; every update is checked for a finite
-loss and gradient before it reaches the weights.
+``train_on`` continues one stream per batch row across calls. Every update is checked, with one
+host sync, for a finite loss, gradient and updated weights; a step that fails the check is undone
+(weights and optimizer state as before it) and recorded as skipped, or raises.
 """
 
 from __future__ import annotations
@@ -17,25 +18,27 @@ from . import checkpoint
 from . import state as st
 from .checkpointing import Segments
 from .contract import LossFn
+from .data.streams import Split
 from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError
 from .modelcheck import check_model as check_contract
 from .records import History, NonFiniteError, UpdateRecord
+from .safestep import (
+    StepUndo,
+    all_finite,
+    check_optimizer,
+    check_optimizer_state,
+    finite_weights,
+    load_optimizer,
+    total_norm as total_norm,
+)
+from .saved import Fields
 from .schedules import Schedule
 from .validate import one_of, positive_number
 
 NonFinite = Literal["skip", "raise"]
 _CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs the checks on
-
-
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together (0 if there are none)."""
-    if not grads:
-        return torch.zeros(())
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused (foreach) pass
-        return torch.nn.utils.get_total_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 class Trainer:
@@ -49,9 +52,10 @@ class Trainer:
     - ``strategy``: ``"recompute"`` (exact gradient at the current weights) or ``"stored"``
       (Williams & Peng: activations kept as first computed); identical when k1 >= k2.
     - ``clip_grad_norm``: clip each update's gradient to this 2-norm.
-    - ``nonfinite``: ``"skip"`` an update whose loss or gradient is not finite (it is recorded
-      with ``skipped=True``), or ``"raise"`` a ``NonFiniteError`` naming the stream step. Either
-      way the weights never see it.
+    - ``nonfinite``: ``"skip"`` an update whose loss or gradient is not finite, or whose optimizer
+      step leaves a weight non-finite (the step is undone: weights and optimizer state as before
+      it; the update is recorded with ``skipped=True`` and the reason), or ``"raise"`` a
+      ``NonFiniteError`` naming the stream step. Either way the weights never keep it.
     - ``reset_fn(state, rows)``: how a row's state is reset where a sequence starts (default:
       zeros, for any nesting; nn.RNN/GRU/LSTM states handled by their batch dimension 1).
     - ``checkpoint_segments``: cut each recomputed window into this many segments (or
@@ -83,6 +87,8 @@ class Trainer:
         one_of(nonfinite, "nonfinite", ("skip", "raise"))
         one_of(check_model, "check_model", (False, True))
         self.engine = StreamEngine(model, loss_fn, schedule, strategy, reset_fn, checkpoint_segments)
+        check_optimizer(optimizer, model)
+        self._undo = StepUndo(optimizer)
         self._check_pending = bool(check_model)
         self.model = model
         self.optimizer = optimizer
@@ -160,13 +166,19 @@ class Trainer:
             "trainer": {"updates_applied": self.updates_applied, "updates_skipped": self.updates_skipped},
         }
 
-    def load_state_dict(self, saved: dict) -> None:
-        """Continue from ``state_dict()``: the same schedule and strategy are required."""
+    def load_state_dict(self, saved: Any) -> None:
+        """Continue from ``state_dict()``: the same schedule and strategy are required. Every field
+        is checked (a ``CheckpointError`` naming a missing, mistyped or impossible one) before the
+        model changes."""
+        f = Fields(saved, "")
+        checkpoint.check_model(f.raw("model"), self.model)
+        counters = Fields(f.raw("trainer"), "trainer")
+        applied, skipped = counters.int("updates_applied"), counters.int("updates_skipped")
+        check_optimizer_state(self.optimizer, f.raw("optimizer"))
+        self.engine.load_state_dict(f.raw("engine"))
+        load_optimizer(self.optimizer, f.raw("optimizer"))
         self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.engine.load_state_dict(saved["engine"])
-        self.updates_applied = saved["trainer"]["updates_applied"]
-        self.updates_skipped = saved["trainer"]["updates_skipped"]
+        self.updates_applied, self.updates_skipped = applied, skipped
 
     def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> History:
         """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
@@ -178,14 +190,29 @@ class Trainer:
         ``callbacks`` (objects with ``on_update(trainer, record)`` and/or
         ``on_epoch_end(trainer, info) -> stop?``), ``patience`` (early stopping on validation
         loss) and ``restore_best``, ``checkpoint`` (path) with ``checkpoint_every`` (updates) and
-        ``resume``, ``log`` (``.jsonl``/``.csv``), ``progress`` (None: a bar only on a terminal),
-        ``max_seconds``. Returns the ``History``.
+        ``resume`` (refused on other training data than the checkpoint's unless
+        ``allow_data_change=True``), ``log`` (``.jsonl``/``.csv``), ``progress`` (None: a bar only on
+        a terminal), ``max_seconds``, ``keep_updates`` (keep every update's record in
+        ``History.updates`` and in checkpoints; otherwise the history holds running summaries of a
+        fixed size), ``max_graph_bytes`` (refuse, before the first update, a run whose graph would
+        be larger; default: the memory available on the model's device). Output paths are checked
+        before the first update. Returns the ``History``.
         """
         return FitLoop(self, train, valid, FitOptions(epochs=epochs, **options)).run()
 
     def evaluate(self, data: Any, metric: Optional[Callable] = None, segment_length: Optional[int] = None) -> dict:
         """Loss and metric on a split from fresh states, without gradient; training streams untouched."""
         return evaluate(self, data, metric, segment_length)
+
+    def data_fingerprint(self, split: Split) -> dict:
+        """What identifies the training data (``Split.fingerprint``), saved in ``fit``'s checkpoints
+        so that a resume on other data is refused; data-parallel training fingerprints all ranks'
+        rows together."""
+        return split.fingerprint()
+
+    def after_update(self, record: UpdateRecord) -> None:
+        """Called after every update, applied or skipped; data-parallel training checks there, every
+        few updates, that the ranks' weights have not drifted apart."""
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Whether training stops, given this process's wish; data-parallel training overrides it so
@@ -225,11 +252,12 @@ class Trainer:
 
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
         record = apply_update(self.reduce(result), self.engine.named_parameters(), self.optimizer,
-                              self.clip_grad_norm, self.nonfinite, started)
+                              self.clip_grad_norm, self.nonfinite, started, self._undo)
         if record.skipped:
             self.updates_skipped += 1
         else:
             self.updates_applied += 1
+        self.after_update(record)
         return record
 
 
@@ -240,42 +268,79 @@ def apply_update(
     clip_grad_norm: Optional[float],
     nonfinite: NonFinite,
     started: float,
+    undo: Optional[StepUndo] = None,
 ) -> UpdateRecord:
     """Apply one update's gradient to the parameters ``named`` with one ``optimizer.step()``, or
-    skip it: the record says which and why (a non-finite loss or gradient, no valid step).
+    skip it: the record says which and why (a non-finite loss, gradient or updated weight, no valid
+    step).
 
-    The gradient is clipped to ``clip_grad_norm`` first; ``nonfinite="raise"`` raises a
-    ``NonFiniteError`` instead of skipping a non-finite update. ``optimizer`` is anything with
-    ``step()`` and ``zero_grad()`` over those parameters (a torch optimizer, or a wrapper that owns
-    the step, such as Lightning's). ``started``: the ``time.perf_counter()`` at which the update's
-    work began, for the record's wall time. ``Trainer`` applies every update with it.
+    The gradient is clipped to ``clip_grad_norm`` first. After the step one host sync brings back
+    the loss, the gradient norm, the count of valid steps and whether the weights are finite; if
+    any fails, the step is undone (the weights and the optimizer's state as before it, from copies
+    ``undo`` took before the step) and the update skipped, or, with ``nonfinite="raise"``, a
+    ``NonFiniteError`` raised. ``optimizer`` is a torch optimizer, or a wrapper of one that owns the
+    step (Lightning's); ``undo``: a ``StepUndo`` of it kept between updates (its buffers are reused;
+    None makes one). ``started``: the ``time.perf_counter()`` at which the update's work began, for
+    the record's wall time. ``Trainer`` applies every update with it.
     """
-    grads = [result.grads[n] for n, _ in named if result.grads[n] is not None]
-    norm = total_norm(grads).to(result.loss.device)
-    loss_value, norm_value, valid = torch.stack(
-        [result.loss.float(), norm.float(), result.valid_steps.float().to(result.loss.device)]
+    undo = undo or StepUndo(optimizer)
+    params = [p for _, p in named]
+    device = result.loss.device
+    norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
+    undo.save(params)
+    overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
+    weights = finite_weights(params).to(device)
+    # the one host sync of an update (a second only when the weights' norm is not finite)
+    loss_value, norm_value, valid, finite = torch.stack(
+        [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
     ).tolist()
+    reason = _refusal(loss_value, norm_value, valid, finite == 1.0 or all_finite(params), overflow)
     u = result.update
-    reason = ""
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}"
-        if nonfinite == "raise":
-            raise NonFiniteError(
-                f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss "
-                f"{loss_value}, gradient norm {norm_value}; the weights were not changed"
-            )
-    elif valid == 0:
-        reason = "no valid steps"
-    if reason:
-        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value,
-                            time.perf_counter() - started, True, reason, result.k2)
-    scale = 1.0
-    if clip_grad_norm is not None:
-        scale = min(1.0, clip_grad_norm / (norm_value + 1e-6))
-    for name, p in named:
-        g = result.grads[name]
-        p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if not reason:
+        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
+                            k2=result.k2)
+    undo.restore()
+    if nonfinite == "raise" and reason != "no valid steps":
+        raise NonFiniteError(
+            f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss {loss_value}, gradient "
+            f"norm {norm_value}; the step was undone: the weights and the optimizer's state are as before it"
+        )
     return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
-                        k2=result.k2)
+                        True, reason, result.k2)
+
+
+def _step(optimizer: Any, undo: StepUndo, named: list[tuple[str, nn.Parameter]], grads: dict,
+          norm: torch.Tensor, clip_grad_norm: Optional[float]) -> str:
+    """One optimizer step on ``grads`` (clipped to ``clip_grad_norm``, without a host sync); the
+    message of an overflow the step raised, else ""."""
+    present = [g for name, _ in named if (g := grads[name]) is not None]
+    if clip_grad_norm is not None and present:
+        torch._foreach_mul_(present, (clip_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0))
+    for name, p in named:
+        g = grads[name]
+        p.grad = None if g is None else g.to(p.dtype)
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            undo.restore()
+            raise
+        return str(exc)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return ""
+
+
+def _refusal(loss: float, norm: float, valid: float, finite_weights: bool, overflow: str) -> str:
+    """Why an update's step may not stand ("" if it may)."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if not math.isfinite(norm):
+        return "non-finite gradient"
+    if valid == 0:
+        return "no valid steps"
+    if overflow:
+        return f"non-finite weights: the optimizer step overflowed ({overflow})"
+    if not finite_weights:
+        return "non-finite weights after the optimizer step"
+    return ""

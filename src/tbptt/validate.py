@@ -83,7 +83,8 @@ def non_negative_int(value: object, name: str, what: str = "") -> int:
 
 
 def _number(value: object, name: str, expected: str) -> float:
-    if isinstance(value, bool):
+    # a bool or a string is a value of another kind, even where float() would read it
+    if isinstance(value, (bool, str, bytes)):
         raise InvalidArgumentType(name, value, expected)
     try:
         return float(value)  # type: ignore[arg-type]  # ints, floats, numpy scalars, 0-d tensors

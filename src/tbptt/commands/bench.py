@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..files import atomic_write_text, check_writable
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         for out in outs:
             if out.suffix not in (".json", ".md"):
                 raise ValueError(f"--out must end in .json or .md; got {str(out)!r}")
+            check_writable(out, "--out")  # before minutes of measuring, not after
         config = _config(args)
         result = run_suite(config, progress=lambda name: err.print(f"[dim]measuring {name}...[/dim]"))
     except (TypeError, ValueError) as exc:
@@ -72,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
     table = format_markdown(result)
     sys.stdout.write(table)
     for out in outs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result.as_dict(), indent=2) + "\n" if out.suffix == ".json" else table)
+        atomic_write_text(out, json.dumps(result.as_dict(), indent=2) + "\n" if out.suffix == ".json" else table)
         err.print(f"wrote {out}")
     return 0

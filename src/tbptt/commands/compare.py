@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import distributed as tdist
 from ..experiments.sweep import compare, summary_line
+from ..files import check_writable
 from ..validate import positive_int, positive_number
 from .options import (
     add_run_options,
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             positive_int(args.jobs, "--jobs", "worker processes")
         positive_number(args.timeout, "--timeout", "seconds")
         options = task_options(args.task, args.task_option)
+        check_writable(args.out or f"tbptt-report/{args.task}", "--out", folder=True)
         load_task(args.task, args.task_option)  # a missing file is reported here, before any run
         distributed = _join_ranks(args)
         if distributed and torch_rank() != 0:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments.runs import Configuration
+from ..files import atomic_write_text, check_writable
 from ..experiments.sweep import compare
 from ..validate import positive_int
 from .compare import print_comparison
@@ -125,7 +126,7 @@ def _index(out: Path, reports: list[tuple[DemoPart, Path]], seconds: float) -> P
         f"{html.escape(part.note)}</li>" for part, path in reports
     )
     path = out / "index.html"
-    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tbptt demo</title></head><body>"
+    atomic_write_text(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tbptt demo</title></head><body>"
                     f"<h1>tbptt demo</h1><p>Finished in {seconds:.0f} s.</p><ul>{links}</ul></body></html>\n")
     return path
 
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             positive_int(args.jobs, "--jobs", "worker processes")
         for text in args.config:
             Configuration.parse(text)
+        check_writable(args.out, "--out", folder=True)
     except ValueError as exc:
         print_error(exc, args.parser)
         return 2

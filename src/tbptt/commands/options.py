@@ -85,10 +85,12 @@ def flag_error(exc: Exception, parser: argparse.ArgumentParser | None = None) ->
 def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -> None:
     """One red line on standard error: what is wrong, in flags."""
     from rich.console import Console
+    from rich.markup import escape
 
+    # escaped: messages quote paths and torch's own errors, whose [brackets] are not markup;
     # soft_wrap: one line however long (a path cut in two cannot be copied)
-    Console(stderr=True).print(f"[red]error:[/red] {flag_error(exc, parser)}", markup=True, highlight=False,
-                               soft_wrap=True)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(str(flag_error(exc, parser)))}", markup=True,
+                               highlight=False, soft_wrap=True)
 
 
 def task_options(name: str, items: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 from ..diagnostics import gradient_vs_lag
 from ..experiments.plots import plot_lag_profiles
 from ..experiments.runs import OPTIMIZERS, model_for
+from ..files import check_writable
 from ..schedule import TBPTT
 from ..trainer import Trainer
 from ..validate import fraction, positive_int
@@ -40,11 +41,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, parser=p)
 
 
+def _png(args: argparse.Namespace) -> Path:
+    return Path(args.png or f"tbptt-report/probe-{args.task}.png")
+
+
 def _check(args: argparse.Namespace) -> None:
     check_run_options(args)
     for name in ("max_lag", "positions", "rows"):
         positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
     fraction(args.fraction, "--fraction", "e.g. 0.01")
+    check_writable(_png(args), "--png")  # before the training, not after
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +124,7 @@ def _probe(args: argparse.Namespace, task: Any, model: Any, schedule: Any, split
     else:
         console.print(f"recommended k2 = {k2}: a window of {k2} steps keeps lags 1..{k2 - 1}; the lags it drops "
                       f"({k2} and beyond) carry at most {args.fraction:g} of the gradient")
-    png = Path(args.png or f"tbptt-report/probe-{task.name}.png")
-    png.parent.mkdir(parents=True, exist_ok=True)
+    png = _png(args)
     plot_lag_profiles(profiles, png, args.fraction, task.dependency,
                       title=f"{task.name}, {args.model}: gradient against lag")
     console.print(f"plot: {png}")

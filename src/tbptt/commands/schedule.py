@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..experiments.timeline import cost_table, drawn_updates, plot_schedule, render_timeline
+from ..files import check_writable
 from ..schedule import TBPTT
 from ..schedules import parse_schedule
 from ..validate import non_negative_int, positive_int
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         if args.width is not None:
             positive_int(args.width, "--width", "columns")
         drawn_updates(schedule, 1, args.seed)  # a schedule that cannot be drawn says so here
+        if args.png:
+            check_writable(args.png, "--png")
     except (TypeError, ValueError) as exc:
         print_error(exc, args.parser)
         return 2
@@ -66,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(cost_table(schedule, args.n, seed=args.seed))
     if args.png:
         png = Path(args.png)
-        png.parent.mkdir(parents=True, exist_ok=True)
         plot_schedule(schedule, args.n, path=png, seed=args.seed)
         console.print(f"wrote {png}")
     return 0

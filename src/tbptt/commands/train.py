@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from .. import distributed as tdist
 from ..checkpoint import CheckpointError
 from ..experiments.runs import OPTIMIZERS, Configuration, model_for
 from ..modelcheck import ModelContractError
+from ..files import check_writable
 from ..schedules import Schedule
 from ..trainer import Trainer
 from ..validate import positive_number
@@ -43,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on even if the training data differ from those the checkpoint was "
+                   "written on (refused by default)")
     # --log-file: torchrun's own parser takes a bare --log for an abbreviation of its --log-dir
     p.add_argument("--log", "--log-file", dest="log", metavar="FILE",
                    help="write the epochs as .jsonl or .csv (under torchrun spell it --log-file)")
@@ -61,6 +68,12 @@ def _check(args: argparse.Namespace) -> Schedule:
     check_run_options(args)
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
+    if args.log is not None and Path(args.log).suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"--log must end in .jsonl or .csv; got {args.log!r}")
+    # output paths are checked now, not after the training
+    for path, flag in ((args.log, "--log"), (args.checkpoint, "--checkpoint")):
+        if path is not None:
+            check_writable(path, flag)
     configuration = Configuration.parse(args.config)
     overrides = [k for k in ("lr", "clip", "strategy", "model") if getattr(configuration, k) is not None]
     if overrides:
@@ -101,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
         history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
                               segment_length=args.segment_length, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log)
+                              checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log,
+                              allow_data_change=args.allow_data_change)
         if rank == 0:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
@@ -110,16 +124,29 @@ def run(args: argparse.Namespace) -> int:
         print_error(ValueError(f"--model {args.model} breaks the engine's contract (report above); "
                                "fix the model, or train without --check-model at your own risk"), args.parser)
         return 2
-    except (ValueError, TypeError, CheckpointError) as exc:
+    except (ValueError, TypeError, CheckpointError, MemoryError) as exc:
         print_error(exc, args.parser)
         return 2
     except tdist.DistributedError as exc:
         print_error(exc, args.parser)
+        joined = _exit_if_unattended(joined)
         return 1
     finally:
         if joined:
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _exit_if_unattended(joined: bool) -> bool:
+    """After a failed collective: under torchrun its agent stops every rank, so return and let the
+    caller go on (False: leave the broken group alone, whose teardown may wait on a hung peer). A
+    plain launch (RANK, WORLD_SIZE... set by hand) has no agent: end this process now, with the
+    error printed, rather than leave it waiting."""
+    if joined and "TORCHELASTIC_RUN_ID" not in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    return False
 
 
 def report(console: Any, task: Any, history: Any, test_metric: float, world: int) -> None:
@@ -141,7 +168,7 @@ def report(console: Any, task: Any, history: Any, test_metric: float, world: int
     console.print(f"test {name}: {test_metric:.4g}, {verdict} the baseline ({task.baseline_name}): {baseline:.4g}")
     if history.stopped_by:
         console.print(f"stopped by {history.stopped_by}")
-    seconds = sum(r.wall_time for r in history.updates)
+    seconds, updates = history.totals.wall_time, history.totals.updates
     if seconds > 0:
-        console.print(f"{len(history.updates)} updates in {seconds:.2f} s of training: "
-                      f"{len(history.updates) / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")
+        console.print(f"{updates} updates in {seconds:.2f} s of training: "
+                      f"{updates / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")

@@ -16,6 +16,7 @@ Three arrangements cover the usual cases:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -104,6 +105,26 @@ class Split:
         """The same split with every tensor on ``device``."""
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return Split(move(self.inputs), move(self.targets), move(self.mask), move(self.resets))
+
+    def checksums(self) -> Tensor:
+        """Per row, a checksum of its values in every tensor of the split: ``[B, 8]`` int64, the
+        wrapping sums of the elements' bit patterns, plain and weighted by position. Integer sums
+        are exact, so a row's checksum is the same whichever rows it is computed with (a rank's
+        share or all of them); any change of a value changes it but for a vanishing chance."""
+        parts = [_row_checksums(t, self.batch_size) for t in (self.inputs, self.targets, self.mask, self.resets)]
+        return torch.cat(parts, dim=1)
+
+    def fingerprint(self, checksums: Optional[Tensor] = None) -> dict:
+        """What identifies the data: each tensor's shape (with B the rows of ``checksums``) and
+        dtype, and a digest of the rows' ``checksums()`` (those of all rows, when this split is one
+        share of them: data-parallel training gathers them). Plain data, for a checkpoint."""
+        rows = self.checksums() if checksums is None else checksums
+        shapes = {name: None if t is None else [int(rows.shape[0]), *t.shape[1:]]
+                  for name, t in (("inputs", self.inputs), ("targets", self.targets), ("mask", self.mask),
+                                  ("resets", self.resets))}
+        dtypes = {name: str(t.dtype) for name, t in (("inputs", self.inputs), ("targets", self.targets))}
+        digest = hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()
+        return {"shapes": shapes, "dtypes": dtypes, "checksum": digest}
 
     def _select(self, rows: slice, steps: slice) -> "Split":
         pick = lambda x: None if x is None else x[rows, steps]  # noqa: E731
@@ -289,3 +310,25 @@ def _as_tensor(name: str, value: ArrayLike) -> Tensor:
         # a copy: the caller's array (possibly read-only, e.g. from pandas) is never shared
         return torch.tensor(value)
     raise TypeError(f"{name} must be a torch.Tensor or numpy array; got {type(value).__name__}")
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ROWS_AT_ONCE = 1 << 22  # elements turned into int64 at a time: bounded extra memory for any split
+
+
+def _row_checksums(t: Optional[Tensor], rows: int) -> Tensor:
+    """``[rows, 2]`` int64: per row, the wrapping sum of the bit patterns of ``t``'s elements and
+    that sum weighted by position (zeros for a missing tensor)."""
+    if t is None:
+        return torch.zeros(rows, 2, dtype=torch.int64)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    flat = t.detach().reshape(rows, -1).contiguous()
+    bits = flat.view(_INTS[flat.element_size()]) if flat.numel() else flat.to(torch.uint8)
+    weights = torch.arange(flat.shape[1], device=flat.device) % 65521 + 1
+    step = max(1, _ROWS_AT_ONCE // max(1, flat.shape[1]))
+    out = []
+    for a in range(0, rows, step):
+        x = bits[a:a + step].to(torch.int64)
+        out.append(torch.stack([x.sum(dim=1), (x * weights).sum(dim=1)], dim=1))
+    return torch.cat(out).cpu()

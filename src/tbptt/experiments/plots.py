@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..files import atomic_write_figure
 from .summary import Row, Run, group_runs, label
 
 _SIZE = (7.0, 4.2)
@@ -47,8 +48,7 @@ def _finish(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return atomic_write_figure(path, fig)
 
 
 def _reduce(array: np.ndarray, fn=np.nanmean) -> np.ndarray:
@@ -188,7 +188,16 @@ def plot_k2(runs: Sequence[Run], meta: dict, path: Path, smooth: int = 25) -> Pa
 
 
 def plot_history_k2(history: Any, path: Path, name: str = "", task: str = "") -> Path:
-    """``plot_k2`` for one ``History`` (``Trainer.fit``'s): the window of each update over training."""
+    """``plot_k2`` for one ``History`` (``Trainer.fit``'s): the window of each update over training
+    when its records were kept (``keep_updates=True``), else each epoch's mean window (``k2_mean``)."""
+    if history.records is None:
+        fig, ax = _figure()
+        ax.plot([e["epoch"] for e in history.epochs], _nan(e.get("k2_mean") for e in history.epochs), "o-",
+                label=name or "run")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean window of the epoch's updates")
+        ax.set_title(f"{task}: the window of the updates over training", fontsize=10)
+        return _finish(fig, ax, path)
     k2 = history.k2()
     run = {"config": name or "run", "strategy": "", "update_k2": k2, "update_index": list(range(1, len(k2) + 1))}
     return plot_k2([run], {"task": task}, path)

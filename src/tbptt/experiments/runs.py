@@ -339,9 +339,10 @@ def _train(spec: RunSpec, task: Any, emit: Optional[Callable[[tuple], None]]) ->
     clock = _EpochClock(cpu_started)
     callbacks = [clock] + ([_EpochEvents(emit, spec.index)] if emit is not None else [])
     with meter.hooks():
+        # keep_updates: the report plots every update's gradient norm and loss (thinned below)
         history = trainer.fit(task.train, epochs=spec.epochs, valid=task.valid, metric=task.metric,
                               segment_length=spec.segment_length, callbacks=callbacks, progress=False,
-                              max_seconds=spec.max_seconds)
+                              max_seconds=spec.max_seconds, keep_updates=True)
     return _Trained(trainer, history, meter, clock, cpu_started)
 
 

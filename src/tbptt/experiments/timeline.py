@@ -23,6 +23,7 @@ import torch
 from ..adaptive import AdaptiveTBPTT
 from ..artbp import ARTBP
 from ..compensation import uniforms
+from ..files import atomic_write_figure
 from ..schedule import Update, updates_cost
 from ..schedules import Schedule, check_schedule
 from ..validate import non_negative_int, positive_int
@@ -187,5 +188,5 @@ def plot_schedule(schedule: Schedule, n: int, path: Optional[Union[str, Path]] =
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path)
+        atomic_write_figure(path, fig)
     return fig
