@@ -212,3 +212,32 @@ def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path):
     assert saved["plan"]["measurements"]
     assert [(r.k2, r.loss) for r in h_whole.updates] == [(r.k2, r.loss) for r in h_resumed.updates]
     assert t_whole.engine.plan.measurements == t_resumed.engine.plan.measurements
+
+
+def test_a_bounded_history_keeps_each_epochs_window(tmp_path):
+    """Without every record (the default), each epoch's row has its updates' mean and last window,
+    as a callback that sees every record counts them."""
+
+    class Windows:
+        def __init__(self):
+            self.epochs = [[]]
+
+        def on_update(self, trainer, record):
+            self.epochs[-1].append(record.k2)
+
+        def on_epoch_end(self, trainer, info):
+            self.epochs.append([])
+
+    x, y = make_data(2, 2, 40)
+    model = make_model("lstm", 2)
+    trainer = tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=0.05),
+                            AdaptiveTBPTT(2, max_k2=20, every=5))
+    seen = Windows()
+    history = trainer.fit((x, y), epochs=3, segment_length=7, progress=False, callbacks=[seen])
+    assert history.records is None
+    for row, windows in zip(history.epochs, seen.epochs, strict=False):
+        assert row["k2_mean"] == pytest.approx(sum(windows) / len(windows)) and row["k2_last"] == windows[-1]
+    assert len({k for w in seen.epochs for k in w}) > 1
+    from tbptt.experiments import plot_history_k2
+
+    assert plot_history_k2(history, tmp_path / "k2.png").read_bytes()[:4] == b"\x89PNG"

@@ -328,3 +328,26 @@ def test_resume_after_a_kill_mid_block_equals_an_uninterrupted_run(tmp_path):
     (_, h_whole, _), (_, h_resumed, _), saved = killed_and_resumed(tmp_path, ARTBP(3, 9))
     assert "generator" in saved
     assert [(r.start, r.loss) for r in h_whole.updates] == [(r.start, r.loss) for r in h_resumed.updates]
+
+
+def test_a_checkpoint_whose_draws_were_tampered_with_is_refused_by_field(tmp_path):
+    model = make_model("lstm", 0)
+    x, y = make_data(0, 2, 20)
+    engine = StreamEngine(model, mse_steps, ARTBP(3, 7))
+    list(engine.feed(x[:, :14], y[:, :14]))
+    saved = engine.state_dict()
+    for change, field in [(lambda p: p.update(generator=[1, 2]), "engine.plan.generator"),
+                          (lambda p: p.pop("generator"), "engine.plan.generator is missing"),
+                          (lambda p: p.update(generator=torch.zeros(3, dtype=torch.uint8)), "not a generator's state"),
+                          (lambda p: p.update(plan={"drawn": 12}), "engine.plan.plan does not hold"),
+                          (lambda p: p.update(measure_steps=-1), "engine.plan.measure_steps")]:
+        bad = {**saved, "plan": dict(saved["plan"])}
+        change(bad["plan"])
+        fresh = StreamEngine(model, mse_steps, ARTBP(3, 7))
+        with pytest.raises(tbptt.CheckpointError, match=field):
+            fresh.load_state_dict(bad)
+        assert fresh.position == 0  # left as it was
+    resumed = StreamEngine(model, mse_steps, ARTBP(3, 7))
+    resumed.load_state_dict(saved)
+    assert [r.update for r in resumed.feed(x[:, 14:], y[:, 14:], end_of_stream=True)] == [
+        r.update for r in engine.feed(x[:, 14:], y[:, 14:], end_of_stream=True)]
