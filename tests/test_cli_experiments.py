@@ -102,10 +102,14 @@ def test_bad_arguments_are_errors_before_any_work(args, message, capsys, monkeyp
 def test_compare_end_to_end_with_a_diverging_configuration(tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["compare", *TINY_ADDING, "--config", "5,5", "--config", "2,10", "--config", "5,5@lr=1e25",
-                 "--seeds", "2", "--epochs", "2", "--jobs", "1", "--out", str(out), "--no-progress"])
+                 "--seeds", "2", "--epochs", "2", "--jobs", "1", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "adding: skill" in printed and "report:" in printed
+    # not a terminal (a log): every table at its full width, no cell cut, and a line per finished run
+    assert "…" not in printed and "train CPU s" in printed and "bwd steps" in printed and "steps/s" in printed
+    assert all(len(line) < 1000 for line in printed.splitlines())
+    assert "done 6/6: TBPTT(" in printed and printed.index("which TBPTT(k1, k2)") < printed.index("adding: skill")
     data = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in data["summary"]}
     assert set(rows) == {"TBPTT(5,5)", "TBPTT(2,10)", "TBPTT(5,5) lr=1e+25"}
@@ -208,14 +212,61 @@ def test_probe_command(tmp_path, capsys, monkeypatch):
     out = " ".join(capsys.readouterr().out.split())
     assert "untrained" in out and "trained" in out and "lag 8" in out
     # dropped from k2 = 4 on: 0.011 <= 1% of 1.761; k2 = 3 would drop 0.261
-    assert "recommended k2 = 4: a window of 4 steps keeps lags 1..3" in out
+    assert "use k2 = 4 (the trained model's): a window of 4 steps keeps lags 1..3" in out
+    assert "the untrained model's k2 = 4 is a lower bound" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_probe_says_which_recommendation_applies_and_why():
+    from types import SimpleNamespace
+
+    from tbptt.commands.probe import which_applies
+    from tbptt.diagnostics import LagProfile
+
+    def curve(ratio):  # a geometric decay, ratio per lag, over 40 lags
+        return LagProfile(list(range(1, 41)), [ratio ** lag for lag in range(1, 41)], 8)
+
+    task = SimpleNamespace(baseline={"valid": 0.2}, higher_is_better=True, dependency=5)
+    slow, fast = curve(0.85), curve(0.6)
+    text = " ".join(which_applies({"untrained": fast, "trained": slow}, 0.01, 40, task, 0.5))
+    k2, start = slow.recommend_k2(0.01), fast.recommend_k2(0.01)
+    assert start < k2 and f"use k2 = {k2} (the trained model's)" in text
+    assert f"the untrained model's k2 = {start} is a lower bound" in text and "known dependency: 5 steps" in text
+    text = " ".join(which_applies({"untrained": slow, "trained": fast}, 0.01, 40, task, 0.1))
+    assert "training shortened" in text and "does not beat the baseline yet" in text
+    growing = LagProfile(list(range(1, 41)), [1.1 ** lag for lag in range(1, 41)], 8)
+    assert "exploding" in " ".join(which_applies({"untrained": fast, "trained": growing}, 0.01, 40, task, 0.5))
+
+
+def test_a_log_gets_a_progress_line_every_few_seconds():
+    from rich.console import Console
+
+    from tbptt.experiments.progress import SweepProgress
+
+    now = [0.0]
+    console = Console(file=__import__("io").StringIO(), width=1000, force_terminal=False)
+    with SweepProgress(True, 4, {0: "TBPTT(5,5) seed 0", 1: "TBPTT(2,8) seed 0"}, console, every=5.0,
+                       now=lambda: now[0]) as bar:
+        bar.event(("started", 0))
+        now[0] = 2.0
+        bar.event(("progress", 0, {"epoch": 3, "loss": 0.5, "done": 0.5, "left": "1.5 CPU s of training"}))
+        assert console.file.getvalue() == ""  # under 5 s since the start: nothing yet
+        now[0] = 6.0
+        bar.tick()
+        bar.run_done(0, "TBPTT(5,5) seed 0 ok")
+        now[0] = 12.0
+        bar.tick()
+    lines = console.file.getvalue().splitlines()
+    assert lines[0] == ("[6 s] runs done 0/4; running: TBPTT(5,5) seed 0 (epoch 3, loss 0.5, 1.5 CPU s of "
+                        "training left); about 42 s left")  # 1/8 of the sweep in 6 s
+    assert lines[1] == "[6 s] done 1/4: TBPTT(5,5) seed 0 ok"
+    assert lines[2] == "[12 s] runs done 1/4; about 36 s left" and len(lines) == 3
 
 
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "1", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "k2 > d = 2" in out and "demo finished" in out
+    assert "k2 > d = 2" in out and "demo finished" in out and "which TBPTT(k1, k2)" in out
     assert (tmp_path / "index.html").exists() and (tmp_path / "echo" / "report.html").exists()
 
 
@@ -231,21 +282,24 @@ def test_compare_whose_seeds_diverge_at_different_epochs_writes_the_report(tmp_p
     assert page.count("data:image/png;base64,") == 4 and "Figure missing" not in page
 
 
-def test_demo_verdict_tells_learning_the_delay_from_beating_chance():
-    from tbptt.commands.demo import echo_verdict
+def test_the_dependency_verdict_tells_learning_the_delay_from_beating_chance():
+    from tbptt.experiments.answer import dependency_lines
 
-    rows = [{"config": "TBPTT(n,n)", "final_metric": 0.343, "updates": 30.0},
-            {"config": "TBPTT(4,12)", "final_metric": 0.9, "updates": 390.0},
-            {"config": "TBPTT(5,5)", "final_metric": 0.21, "updates": 300.0},
-            {"config": "TBPTT(12,4) lr=0.1", "final_metric": 0.6, "updates": 120.0}]
-    text = "\n".join(echo_verdict(rows, 5, 0.128))
-    assert "> 0.5 (chance 0.128)" in text
+    def row(config, k2, metric, updates):
+        return {"config": config, "strategy": "recompute", "k2": k2, "final_metric": metric, "updates": updates}
+
+    rows = [row("TBPTT(n,n)", None, 0.343, 30.0), row("TBPTT(4,12)", 12, 0.9, 390.0),
+            row("TBPTT(5,5)", 5, 0.21, 300.0), row("TBPTT(12,4) lr=0.1", 4, 0.6, 120.0)]
+    meta = {"dependency": 5, "baseline": 0.128, "higher_is_better": True, "metric_name": "accuracy"}
+    text = "\n".join(dependency_lines(rows, meta))
+    assert "final accuracy > 0.564 (halfway from the baseline 0.128" in text
     spans, short = text.splitlines()[1:3]
-    assert spans.startswith("  k2 > d = 5") and "TBPTT(4,12) 0.900 learnt" in spans
-    assert "TBPTT(n,n) 0.343 not yet, only 30 updates" in spans
-    assert short.startswith("  k2 <= d = 5") and "TBPTT(5,5) 0.210 did not" in short
-    assert "TBPTT(12,4) lr=0.1 0.600 learnt, though k2 <= d" in short
+    assert spans.startswith("  k2 > d = 5") and "TBPTT(4,12) 0.9 learnt" in spans
+    assert "TBPTT(n,n) 0.343 not yet, 30 updates" in spans
+    assert short.startswith("  k2 <= d = 5") and "TBPTT(5,5) 0.21 did not" in short
+    assert "TBPTT(12,4) lr=0.1 0.6 learnt, though k2 <= d" in short
     assert "fewer updates" in text and "never links an output to the input 5 steps back" in text
+    assert dependency_lines(rows, {**meta, "dependency": None}) == []
 
 
 def test_schedule_draws_artbp_windows_and_says_why_it_cannot_draw_adaptive_ones(capsys):

@@ -3,6 +3,7 @@ baselines recomputed independently with numpy, and the text task on a file writt
 
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,11 +122,20 @@ def test_series_tasks_reject_too_many_rows():
         load_task("sunspots", difference="yes")
 
 
-def test_missing_statsmodels_says_how_to_install(monkeypatch):
-    datasets._statsmodels_values.cache_clear()  # loaded series are cached; start as a fresh process would
+def test_the_series_ship_with_the_package_and_load_without_statsmodels_or_pandas(monkeypatch):
+    datasets._series.cache_clear()  # loaded series are cached; read them as a fresh process would
     monkeypatch.setitem(sys.modules, "statsmodels", None)
-    with pytest.raises(ImportError, match=r"pip install tbptt\[data\]"):
-        load_task("co2")
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    co2, sunspots = load_co2(), load_sunspots()
+    # the weekly record from 29 March 1958 to 29 December 2001, 59 weeks without a measurement
+    assert co2.shape == (2284,) and int(np.isnan(co2).sum()) == 59
+    assert (co2[0], co2[1], co2[-1]) == (316.1, 317.3, 371.5) and np.isnan(co2[6])
+    assert sunspots.shape == (309,) and (sunspots[0], sunspots[-1]) == (5.0, 2.9)  # 1700 .. 2008
+    text = (Path(datasets.__file__).parent / "series" / "co2_weekly.csv").read_text()
+    assert "public domain" in text and "Keeling" in text  # the source is cited where the data are
+    load_co2()[0] = -1.0  # callers get copies
+    assert load_co2()[0] == 316.1
+    assert load_task("co2").train.steps > 0
 
 
 def test_fill_forward_uses_only_past_values():
@@ -173,12 +183,28 @@ def test_text_task_on_a_small_file(tmp_path):
     assert task.loss_fn(outputs, task.valid.targets).shape == (1, 2)
 
 
+def test_a_long_text_suggests_short_calls_and_few_epochs(tmp_path):
+    words = "a recurrent network reads one character at a time ".split()
+    text = " ".join(words[i % len(words)] for i in range(200_000))[:1_000_000]
+    (tmp_path / "book.txt").write_text(text)
+    task = load_task("text", path=tmp_path / "book.txt")
+    assert task.train.steps == 56_250 and task.segment_length == 500 and task.epochs == 4  # 1 MB in 16 rows
+    assert load_task("co2").segment_length is None and load_task("co2").epochs is None
+
+
 def test_text_task_errors(tmp_path):
     with pytest.raises(ValueError, match="path="):
         load_task("text")
     short = tmp_path / "short.txt"
     short.write_text("abcdefghij", encoding="utf-8")
-    with pytest.raises(ValueError, match="short.txt.*10 characters.*leaves 0 valid pairs"):
+    with pytest.raises(ValueError, match="short.txt' has 10 characters; the text task needs at least 20"):
         load_task("text", path=short, batch_size=2)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt' has 0 characters"):
+        load_task("text", path=tmp_path / "empty.txt")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(ValueError, match=r"latin.txt' is not utf-8 text \(byte 0xe9 at position 3\); give its encoding"):
+        load_task("text", path=tmp_path / "latin.txt")
+    assert load_task("text", path=tmp_path / "latin.txt", encoding="latin-1").vocab == 6  # c a f é space, unknown
     with pytest.raises(FileNotFoundError):
         load_task("text", path=tmp_path / "missing.txt")

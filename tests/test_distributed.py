@@ -163,6 +163,11 @@ def ranks(rank, port, out):
     history = trainer.fit(trainer.shard(data()), epochs=3, segment_length=5, progress=False,
                           callbacks=[StopRankOne()])
     result["stopped"] = (len(history.epochs), history.stopped_by)
+    # rank 1's budget runs out first, inside a call: both ranks stop before the same update
+    trainer = new_trainer(3, 8, "recompute", tdist.DistributedTrainer)
+    history = trainer.fit(trainer.shard(data()), budget="backward:1000" if rank == 0 else "backward:60",
+                          progress=False)
+    result["budget"] = (weights(trainer), trainer.updates_applied, history.stopped_by)
     # ranks that build different models or optimizers are told at construction, naming what differs
     for name, (hidden, lr) in {"hidden": (5 + rank, 0.01), "lr": (5, 0.01 * (1 + rank))}.items():
         torch.manual_seed(0)
@@ -365,6 +370,17 @@ def test_a_trainer_needs_a_process_group_and_torchrun_env(monkeypatch):
         tdist.init_from_env(timeout=0)
     with pytest.raises(tdist.DistributedError, match="needs an initialised process group"):
         new_trainer(4, 4, "recompute", tdist.DistributedTrainer)
+
+
+def test_a_budget_spent_on_one_rank_stops_both_at_the_same_update(job):
+    single = new_trainer(3, 8, "recompute")
+    single.fit(data(), budget="backward:60", progress=False)
+    zero, one = results(job, 0)["budget"], results(job, 1)["budget"]
+    assert zero[1] == one[1] == single.updates_applied
+    assert (zero[2], one[2]) == ("another process", "backward:60")
+    for name, w in single.model.state_dict().items():
+        torch.testing.assert_close(zero[0][name], w, rtol=1e-10, atol=1e-12)
+        assert torch.equal(zero[0][name], one[0][name])
 
 
 def test_ranks_that_build_different_models_or_optimizers_are_told_at_construction(job):

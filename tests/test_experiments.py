@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 from dataclasses import replace
@@ -16,8 +17,10 @@ from hypothesis import strategies as hs
 
 from tbptt import TBPTT
 from tbptt.diagnostics import grad_norm_summary, roughness
+from tbptt.experiments import page as html_page
 from tbptt.experiments import plots, report, summary, sweep, timeline
 from tbptt.experiments import runs as runs_module
+from tbptt.experiments.answer import recommend
 
 GLYPH_KIND = {"·": timeline.OUTSIDE, "─": timeline.ADVANCE, "░": timeline.WINDOW, "█": timeline.ERROR}
 
@@ -94,15 +97,16 @@ def test_long_schedules_elide_rows_and_png_is_written(tmp_path):
 
 def fake_run(config, seed, finals, status="ok", norms=(1.0, 2.0, 3.0), wall=2.0):
     """A run whose validation metric per epoch is ``finals``, an epoch per CPU second."""
-    epochs = [{"epoch": i + 1, "valid_metric": m, "cpu_elapsed": float(i + 1), "backward_steps": 10 * (i + 1)}
-              for i, m in enumerate(finals)]
+    epochs = [{"epoch": i + 1, "valid_metric": m, "cpu_elapsed": float(i + 1), "train_cpu": 0.9 * (i + 1),
+               "backward_steps": 10 * (i + 1)} for i, m in enumerate(finals)]
     finite = [m for m in finals if math.isfinite(m)]
     return {
         "config": config, "strategy": "recompute", "seed": seed, "index": seed, "status": status,
         "epochs": epochs, "final_metric": finals[-1], "best_metric": max(finite) if finite else math.nan,
         "grad_norms": list(norms), "update_index": list(range(1, len(norms) + 1)),
         **grad_norm_summary(norms),
-        "roughness": 0.1, "wall_time": wall, "cpu_time": wall, "steps_per_s": 100.0, "updates": len(norms),
+        "roughness": 0.1, "wall_time": wall, "cpu_time": wall, "train_cpu": 0.9 * wall, "steps_per_s": 100.0,
+        "updates": len(norms), "k1": None, "k2": None,
         "forward_steps": 10, "backward_steps": 20, "peak_graph_mb": 0.5,
     }
 
@@ -140,7 +144,8 @@ def test_report_files_exist_and_parse(tmp_path):
     meta["target"] = target
     report.write_results(tmp_path, meta, rows, RUNS)
     images = plots.write_plots(tmp_path, RUNS, rows, meta)
-    page = report.write_html(tmp_path, meta, rows, images)
+    answer = recommend(rows, RUNS, meta)
+    page = html_page.write_html(tmp_path, meta, rows, images, answer)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in data["summary"]] == ["TBPTT(5,5)", "TBPTT(2,8)"]
     assert len(data["runs"]) == 5 and data["meta"]["target"] == pytest.approx(target)
@@ -154,6 +159,10 @@ def test_report_files_exist_and_parse(tmp_path):
         assert path.read_bytes()[:4] == b"\x89PNG"
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 4 and "TBPTT(2,8)" in text and "1/2" in text
+    # the answer first: TBPTT(2,8) scored higher but diverged in one run, so the stable one is chosen
+    assert text.index("Use <b>TBPTT(5,5)</b>") < text.index("Pareto front") < text.index("<h3>skill</h3>")
+    for caption in plots.FIGURES.values():  # every figure with what its lines and bands are
+        assert html.escape(caption) in text
 
 
 def test_configuration_strings():
@@ -207,6 +216,9 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
     ("segment_length", 0, "segment_length must be a positive int"),
     ("max_seconds", -1.0, "max_seconds must be a positive number"),
     ("max_seconds", float("nan"), "max_seconds must be a positive number"),
+    ("budget", "cpu", "budget must be KIND:AMOUNT"),
+    ("epochs", None, "epochs must be a positive int when there is no budget"),
+    ("probe_lags", 0, "probe_lags must be a positive int"),
     ("lr", float("inf"), "lr must be a positive number"),
 ])
 def test_run_spec_rejects_bad_settings_before_any_run(field, value, message):
@@ -214,16 +226,17 @@ def test_run_spec_rejects_bad_settings_before_any_run(field, value, message):
         runs_module.RunSpec(task="echo", config="5,5", **{field: value})
 
 
-def test_grad_norms_of_seeds_that_stopped_at_different_updates(tmp_path):
-    long = fake_run("TBPTT(5,5)", 0, [0.2, 0.3], norms=(1.0, 2.0, 3.0, 4.0, 5.0))
+def test_grad_norms_of_seeds_that_stopped_at_different_updates_share_the_fraction_axis(tmp_path):
+    long = fake_run("TBPTT(5,5)", 0, [0.2, 0.3], norms=(1.0, 2.0, 4.0, 8.0, 16.0))
     short = fake_run("TBPTT(5,5)", 1, [0.2], norms=(3.0, float("nan")), status="diverged")
-    thinned = {**fake_run("TBPTT(5,5)", 2, [0.2, 0.3], norms=(2.0, 6.0)), "update_index": [1, 5]}
-    updates, norms = plots.norms_on_common_updates([long, short, thinned])
-    assert updates.tolist() == [1, 2, 3, 4, 5]
-    assert norms[0].tolist() == [1, 2, 3, 4, 5]
-    assert np.isnan(norms[1, 1:]).all() and norms[1, 0] == 3  # its NaN and its end leave gaps
-    assert norms[2].tolist() == [2, 3, 4, 5, 6]  # between its recorded updates 1 and 5: interpolated
-    path = plots.plot_grad_norms([long, short, thinned], {"task": "t"}, tmp_path / "g.png")
+    thinned = {**fake_run("TBPTT(5,5)", 2, [0.2, 0.3], norms=(2.0, 32.0)), "update_index": [1, 5]}
+    grid = np.array([0.2, 0.4, 0.6, 1.0])
+    norms = plots.norms_by_fraction([long, short, thinned], grid)
+    assert norms[0] == pytest.approx([1, 2, 4, 16])  # 5 updates: fraction 0.2 is update 1, 1.0 is update 5
+    assert np.isnan(norms[1]).all()  # its one finite norm is at 0.5, then it diverged: nothing on this grid
+    # between its recorded updates 1 and 5, interpolated on a log scale
+    assert norms[2] == pytest.approx([2, 4, 8, 32])
+    path = plots.plot_grad_norms([long, short, thinned], {"task": "t", "settings": {"clip": 1.0}}, tmp_path / "g.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -231,13 +244,13 @@ def test_a_figure_that_fails_leaves_the_others_and_the_report(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("no ink")
 
-    monkeypatch.setattr(plots, "plot_skill_time", broken)
+    monkeypatch.setattr(plots, "plot_front", broken)
     meta = {"task": "echo", "metric_name": "accuracy", "higher_is_better": True, "baseline": 0.1, "target": 0.5}
     rows, _ = summary.summarize(RUNS, 0.1, True)
     images = plots.write_plots(tmp_path, RUNS, rows, meta)
-    assert [p is None for _, p in images] == [False, False, False, True]
-    assert "no ink" in images[-1][0]
-    page = report.write_html(tmp_path, meta, rows, images).read_text()
+    assert [p is None for _, p in images] == [True, False, False, False]
+    assert "no ink" in images[0][0]
+    page = html_page.write_html(tmp_path, meta, rows, images).read_text()
     assert page.count("data:image/png;base64,") == 3 and "Figure missing" in page and "no ink" in page
 
 
@@ -272,11 +285,15 @@ def test_a_run_measures_roughness_on_validation_and_time_to_target_in_cpu_second
     assert clock == sorted(clock) and 0 < clock[-1] <= run["cpu_time"]
 
 
-def test_a_run_stopped_by_its_time_budget_counts_the_steps_it_was_fed():
-    run = runs_module.run_one(replace(TINY_ECHO, max_seconds=1e-9, segment_length=7))
-    assert run["stopped_by"] == "max_seconds" and run["epochs"][0]["partial"]
-    assert run["steps"] == 7  # the budget is checked after the first 7-step piece
-    assert run["steps_per_s"] == pytest.approx(7 / run["train_time"])
+def test_a_run_stopped_by_its_budget_counts_the_steps_it_trained():
+    run = runs_module.run_one(replace(TINY_ECHO, epochs=None, budget="backward:40"))
+    assert run["stopped_by"] == "backward:40" and run["budget"] == "backward:40" and run["epochs"][-1]["partial"]
+    # TBPTT(5,5) on 30-step streams: one whole epoch (6 updates), then 2 updates of the next one
+    assert run["backward_steps"] == 40 and run["updates"] == 8 and run["steps"] == 40
+    assert run["steps_per_s"] == pytest.approx(40 / run["train_time"])
+    assert 0 < run["train_cpu"] <= run["cpu_time"]
+    nothing = runs_module.run_one(replace(TINY_ECHO, max_seconds=1e-9))
+    assert nothing["stopped_by"] == "max_seconds" and nothing["status"] == "ok" and nothing["updates"] == 0
 
 
 def test_default_workers_are_shared_among_a_machines_ranks(monkeypatch):
@@ -286,3 +303,9 @@ def test_default_workers_are_shared_among_a_machines_ranks(monkeypatch):
     assert sweep.default_jobs(distributed=False) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert sweep.default_jobs(distributed=True) == 1
+
+
+def test_a_label_names_the_strategy_once():
+    assert summary.label({"config": "TBPTT(1,50) strategy=stored", "strategy": "stored"}, 2) == "TBPTT(1,50) strategy=stored"
+    assert summary.label({"config": "TBPTT(1,50)", "strategy": "stored"}, 2) == "TBPTT(1,50) stored"
+    assert summary.label({"config": "TBPTT(1,50)", "strategy": "stored"}, 1) == "TBPTT(1,50)"

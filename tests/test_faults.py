@@ -250,7 +250,9 @@ def fuzz_cases():
     cases.append(("Trainer", "lr", lambda: tbptt.Trainer(single, mse_steps, torch.optim.SGD(single.parameters(), lr=1e308),
                                                            tbptt.TBPTT(2, 2))))
     fit_values = {
-        "epochs": (0, -1, 1.5, "2", None), "segment_length": (0, -3, 2.5, "4"), "patience": (0, -1, "2"),
+        # epochs=None is valid: one epoch, or until the budget runs out
+        "epochs": (0, -1, 1.5, "2"), "segment_length": (0, -3, 2.5, "4"), "patience": (0, -1, "2"),
+        "budget": ("cpu", "gpu:3", "backward:0", 3),
         "checkpoint_every": (0, -1, 1.5), "max_seconds": (-1, float("nan"), "10"), "scheduler_interval": ("step", None),
         "restore_best": ("yes", 2), "resume": ("yes", 2), "progress": ("yes", 2), "keep_updates": ("all", 2),
         "allow_data_change": ("yes",), "max_graph_bytes": (0, -5, 1.5), "log": ("run.txt", "run"),

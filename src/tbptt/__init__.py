@@ -6,6 +6,7 @@ See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 from . import models as models
 from .adaptive import AdaptiveTBPTT
 from .artbp import ARTBP
+from .budget import Budget, BudgetMeter
 from .checkpoint import CheckpointError
 from .data import (
     TASKS,
@@ -49,6 +50,8 @@ __all__ = [
     "Mamba",
     "Update",
     "Trainer",
+    "Budget",
+    "BudgetMeter",
     "UpdateRecord",
     "NonFiniteError",
     "History",

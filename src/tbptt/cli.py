@@ -43,9 +43,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _value_flags(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """The option strings of ``parser`` and its subcommands: all of them, and those taking one value."""
+    every, valued = set(), set()
+    for action in parser._actions:  # noqa: SLF001
+        every.update(action.option_strings)
+        if action.option_strings and action.nargs is None and isinstance(action, (argparse._StoreAction,
+                                                                                    argparse._AppendAction)):
+            valued.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                more, more_valued = _value_flags(sub)
+                every |= more
+                valued |= more_valued
+    return every, valued
+
+
+def joined_values(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with a value that starts with "-" joined to its flag (``--config -1,5`` becomes
+    ``--config=-1,5``), so that argparse reads it as the flag's value, which is then checked (and
+    reported) as a value, rather than failing with "expected one argument"."""
+    every, valued = _value_flags(parser)
+    out: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item in valued and i + 1 < len(items) and items[i + 1].startswith("-") and items[i + 1] not in every \
+                and items[i + 1] != "--":
+            out.append(f"{item}={items[i + 1]}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv, parser))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -218,4 +218,5 @@ def roughness(losses: Sequence[float]) -> float:
     if len(logs) < 2:
         return math.nan
     travelled = sum(abs(b - a) for a, b in zip(logs[:-1], logs[1:]))
-    return (travelled - abs(logs[-1] - logs[0])) / (len(logs) - 1)
+    # a curve that only falls travels its net change exactly; rounding must not make that negative
+    return max(0.0, travelled - abs(logs[-1] - logs[0])) / (len(logs) - 1)

@@ -174,7 +174,7 @@ class DistributedTrainer(Trainer):
                 )
 
     # ------------------------------------------------------------------------------------------
-    def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> History:
+    def fit(self, train: Any, epochs: Optional[int] = None, valid: Any = None, **options: Any) -> History:
         """``Trainer.fit`` on this rank's rows (``train``), with the whole ``valid`` split on every
         rank. Ranks are first checked to agree on everything that decides when they communicate;
         only rank 0 writes the log, shows progress and writes checkpoints."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Generator, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -64,6 +64,30 @@ class UpdateResult:
     grads: dict[str, Optional[torch.Tensor]]
     valid_steps: torch.Tensor
     k2: Optional[int] = None
+
+
+class Updates(Iterator[UpdateResult]):
+    """The updates an engine's received steps close, each computed when asked for (``next``).
+
+    Stopping early is allowed: ``close()`` (or leaving a ``with`` block) keeps the steps the
+    updates not made need, copied out of the caller's tensors; the engine holds them as pending.
+    """
+
+    def __init__(self, run: Generator[UpdateResult, None, None], keep: Callable[[], None]) -> None:
+        self._run, self._keep = run, keep
+
+    def __next__(self) -> UpdateResult:
+        return next(self._run)
+
+    def close(self) -> None:
+        self._run.close()
+        self._keep()  # also when no update was asked for (the generator never started)
+
+    def __enter__(self) -> "Updates":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StreamEngine:
@@ -137,6 +161,8 @@ class StreamEngine:
         self._segments: list[Segment] = []
         self._batch_size: Optional[int] = None
         self._state_shapes: Optional[list[tuple[int, ...]]] = None
+        self._ending = False  # the streams end after the steps received; their last updates are pending
+        self._borrowed: Optional[int] = None  # steps from here on are still the caller's tensors
 
     @property
     def overlapping(self) -> bool:
@@ -157,6 +183,7 @@ class StreamEngine:
         open block's buffered steps and, for ``stored``, the weight snapshots and entering states of
         the kept activations (which ``load_state_dict`` recomputes, bit for bit, instead of saving a
         graph)."""
+        self._own_received()
         snapshots, segments = describe(self._segments)
         plan = {"plan": self.plan.state_dict(), "measure_steps": self.measure_steps}
         if self.generator is not None:
@@ -164,7 +191,7 @@ class StreamEngine:
         return StreamState(
             str(self.schedule), self.strategy, self.position, self.previous, dict(self._states),
             list(self._steps.parts), sorted(self._steps.resets_at), self._batch_size, self._state_shapes,
-            self.forward_steps, self.backward_steps, snapshots, segments, plan,
+            self.forward_steps, self.backward_steps, snapshots, segments, self._ending, plan,
         ).to_dict()
 
     def load_state_dict(self, saved: Any) -> None:
@@ -187,6 +214,7 @@ class StreamEngine:
         for chunk in streams.chunks:  # reset positions are found again from the flags
             self._steps.append(chunk)
         self._batch_size, self._state_shapes = streams.batch_size, streams.state_shapes
+        self._ending = streams.ending
         snapshots = [{n: w.clone().requires_grad_(True) for n, w in snap.items()} for snap in streams.snapshots]
         try:
             with torch.enable_grad():
@@ -234,17 +262,36 @@ class StreamEngine:
         mask: Optional[torch.Tensor] = None,
         end_of_stream: bool = False,
         resets: Optional[torch.Tensor] = None,
-    ) -> Iterator[UpdateResult]:
-        """Append ``inputs[B, T, ...]``/``targets`` to the streams; yield each update they close.
+    ) -> "Updates":
+        """Append ``inputs[B, T, ...]``/``targets`` to the streams; return the updates they close.
 
         ``mask[B, T]`` (bool) marks valid steps; ``resets[B, T]`` (bool) marks where a new sequence
         starts in a row: that row's state is reset before the step and no gradient crosses it.
 
-        The generator computes each update lazily: apply a result before asking for the next.
-        With ``end_of_stream`` the open block is cut short at the end of this data, its update (if
-        any errors are left to inject) is yielded, and the streams are reset.
+        The steps are received at once; each update is computed lazily, when asked for: apply a
+        result before asking for the next. A caller may stop asking at any update (a time budget);
+        the updates not made stay ``pending`` and ``updates()``, or the next ``feed``, makes them
+        first. With ``end_of_stream`` the open block is cut short at the end of this data, its
+        update (if any errors are left to inject) is the last one, and the streams are then reset.
         """
+        self.receive(inputs, targets, mask, end_of_stream, resets)
+        return self.updates()
+
+    def receive(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        end_of_stream: bool = False,
+        resets: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Append steps to the streams without computing anything (``feed`` without its updates)."""
         check_steps(inputs, targets, mask, resets)
+        if self._ending:
+            raise ValueError(
+                "the streams were ended (end_of_stream) with updates still pending; make them first "
+                "(Trainer.train_pending, StreamEngine.updates) or drop them (reset_state(flush=False))"
+            )
         batch = inputs.shape[0]
         if self._batch_size is not None and batch != self._batch_size:
             raise ValueError(
@@ -252,21 +299,42 @@ class StreamEngine:
                 "the streams carry one state per row, so call reset_state() before changing B"
             )
         self._batch_size = batch
-        start = self.position
+        if self._borrowed is None:
+            self._borrowed = self.position
         self._steps.append(Steps(self.position, inputs, targets, mask, resets))
         self.position += inputs.shape[1]
-        while True:
-            end = self.plan.block_end(self.previous)
-            if end is None or end > self.position:
-                break
-            result = self._close_block(end)
-            if result is not None:
-                yield result
+        self._ending = bool(end_of_stream)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the steps received close updates that were not asked for yet."""
+        end = self.plan.block_end(self.previous)
+        return self._ending or (end is not None and end <= self.position)
+
+    def updates(self) -> "Updates":
+        """The updates the steps received close (those pending first), computed as asked for."""
+        return Updates(self._close_ready(), self._own_received)
+
+    def _close_ready(self) -> Iterator[UpdateResult]:
+        try:
+            while True:
+                end = self.plan.block_end(self.previous)
+                if end is None or end > self.position:
+                    break
+                result = self._close_block(end)
+                if result is not None:
+                    yield result
+        finally:
+            self._own_received()
+        if self._ending:
+            yield from self._end()
+
+    def _own_received(self) -> None:
         # the steps still waiting for their block are copied out of the caller's tensors, which
         # may be reused (a refilled buffer) or be much larger than what is kept
-        self._steps.own_from(start)
-        if end_of_stream:
-            yield from self.finish()
+        if self._borrowed is not None:
+            self._steps.own_from(self._borrowed)
+            self._borrowed = None
 
     def forward(
         self, inputs: torch.Tensor, state: st.State = None, resets: Optional[torch.Tensor] = None
@@ -288,13 +356,18 @@ class StreamEngine:
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
 
     def finish(self) -> Iterator[UpdateResult]:
-        """End the streams: cut the open block short at the last step received, yield its update
-        (if any errors are left to inject), and reset."""
-        if self.position > self.previous:
-            result = self._close_block(self.position)
+        """End the streams: make the updates still pending, cut the open block short at the last
+        step received, yield its update (if any errors are left to inject), and reset."""
+        self._ending = True
+        yield from self._close_ready()
+
+    def _end(self) -> Iterator[UpdateResult]:
+        result = self._close_block(self.position) if self.position > self.previous else None
+        try:
             if result is not None:
                 yield result
-        self.reset()
+        finally:  # the stream's last update was handed over (or there was none): the streams end
+            self.reset()
 
     # ------------------------------------------------------------------------------------------
     def _cuts(self, start: int, stop: int, *positions: Optional[int]) -> list[int]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
 from . import checkpoint as ckpt
+from .budget import Budget, BudgetMeter
 from .contract import Metric, masked_sum, step_losses
 from .data.streams import Split, as_split
 from .engine import StreamEngine
@@ -39,8 +40,16 @@ class FitTrainer(Protocol):
     @property
     def position(self) -> int: ...
 
+    budget: Optional[BudgetMeter]
+
+    @property
+    def pending(self) -> bool: ...
+
     def train_on(self, inputs: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                 end_of_stream: bool = False, resets: Optional[torch.Tensor] = None) -> list[UpdateRecord]: ...
+                 end_of_stream: bool = False, resets: Optional[torch.Tensor] = None,
+                 max_updates: Optional[int] = None) -> list[UpdateRecord]: ...
+
+    def train_pending(self, max_updates: Optional[int] = None) -> list[UpdateRecord]: ...
 
     def reset_state(self, flush: bool = True) -> list[UpdateRecord]: ...
 
@@ -69,7 +78,7 @@ class Callback(Protocol):
 class FitOptions:
     """``Trainer.fit``'s options, checked before any work (see ``Trainer.fit`` for each)."""
 
-    epochs: int = 1
+    epochs: Optional[int] = None
     segment_length: Optional[int] = None
     metric: Optional[Metric] = None
     scheduler: Any = None
@@ -86,9 +95,19 @@ class FitOptions:
     keep_updates: bool = False
     allow_data_change: bool = False
     max_graph_bytes: Optional[int] = None
+    budget: Union[None, str, Budget] = None
 
     def __post_init__(self) -> None:
-        positive_int(self.epochs, "epochs")
+        budget = None if self.budget is None else Budget.parse(self.budget)
+        object.__setattr__(self, "budget", budget)
+        positive_int(self.epochs, "epochs", none="1, or until the budget runs out when there is one")
+        if budget is not None and budget.kind == "epochs":
+            if self.epochs is not None and self.epochs != budget.amount:
+                raise InvalidArgument("epochs", self.epochs, f"left out or {budget.amount} with budget {budget}",
+                                      mentions=("budget",))
+            object.__setattr__(self, "epochs", budget.amount)
+        elif self.epochs is None and budget is None and self.max_seconds is None:
+            object.__setattr__(self, "epochs", 1)
         for flag in ("restore_best", "resume", "keep_updates", "allow_data_change"):
             one_of(getattr(self, flag), flag, (False, True))
         one_of(self.progress, "progress", (None, False, True))
@@ -101,26 +120,34 @@ class FitOptions:
         positive_int(self.checkpoint_every, "checkpoint_every", "updates", "only at the end of each epoch")
         non_negative_number(self.max_seconds, "max_seconds", "seconds of training", "no time budget")
         if (self.checkpoint_every or self.resume) and self.checkpoint is None:
-            raise ValueError("checkpoint_every and resume need a checkpoint path")
-        if self.checkpoint_every is not None and self.segment_length is None:
-            raise ValueError(
-                "checkpoint_every needs segment_length: checkpoints are taken between train_on calls, and "
-                "without segment_length an epoch is a single call"
-            )
+            name = "checkpoint_every" if self.checkpoint_every else "resume"
+            what = "a path to save to" if self.checkpoint_every else "the path to resume from"
+            raise InvalidArgument(name, getattr(self, name), f"given together with checkpoint ({what})",
+                                  mentions=("checkpoint",))
+
+    def budgets(self) -> list[Budget]:
+        """Every limit on the fit: ``budget``, ``max_seconds`` and ``epochs``."""
+        found = [] if self.budget is None or self.budget.kind == "epochs" else [self.budget]
+        if self.max_seconds is not None:
+            found.append(Budget("seconds", self.max_seconds))
+        if self.epochs is not None:
+            found.append(Budget("epochs", self.epochs))
+        return found
 
 
 @dataclass
 class FitProgress:
     """Where a fit stands: the epoch and the next segment in it, early stopping's best monitored
-    loss and epochs without improvement, seconds trained before this process, how the data were cut
-    (a resume must cut them the same way) and the training data's fingerprint (``Split.fingerprint``:
-    a resume on other data is refused unless allowed)."""
+    loss and epochs without improvement, seconds trained before this process, what was spent of the
+    budgets, how the data were cut (a resume must cut them the same way) and the training data's
+    fingerprint (``Split.fingerprint``: a resume on other data is refused unless allowed)."""
 
     epoch: int = 0
     piece: int = 0
     best: float = math.inf
     bad_epochs: int = 0
     elapsed: float = 0.0
+    spent: dict = field(default_factory=dict)
     segment_length: Optional[int] = None
     steps: int = 0
     data: Optional[dict] = None
@@ -132,7 +159,15 @@ class FitProgress:
         return cls(epoch=f.int("epoch"), piece=f.int("piece", high=pieces), best=f.number("best"),
                    bad_epochs=f.int("bad_epochs"), elapsed=f.number("elapsed", low=0.0, finite=True),
                    segment_length=f.int("segment_length", low=1, none=True), steps=f.int("steps", low=1),
-                   data=f.dict("data", none=True))
+                   data=f.dict("data", none=True), spent=_spent(f))
+
+
+def _spent(f: Fields) -> dict:
+    """What a run spent of its budgets (``BudgetMeter.state_dict``); none before budgets were saved."""
+    if "spent" not in f.saved:
+        return {}
+    spent = Fields(f.raw("spent"), f.path("spent"))
+    return {kind: spent.number(kind, low=0.0, finite=True) for kind in spent.saved}
 
 
 def pieces(steps: int, length: Optional[int]) -> list[tuple[int, int]]:
@@ -209,6 +244,7 @@ class FitLoop:
         self.started = time.perf_counter()
         self.since_save = 0
         self.stop = False
+        self.meter = BudgetMeter(options.budgets(), lambda: trainer.engine.backward_steps)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> History:
@@ -225,10 +261,18 @@ class FitLoop:
         check_graph_memory(self.trainer.engine, self.split.inputs[:, : (self.pieces[0][1])], self.split.steps,
                            o.max_graph_bytes)
         self.started = time.perf_counter()
-        while self.progress.epoch < o.epochs and not self.stop:
-            epoch_started = time.perf_counter()
-            out_of_time = self._run_epoch()
-            self._end_epoch(out_of_time, epoch_started)
+        self.meter.load_state_dict(self.progress.spent)
+        self.meter.start()
+        outer, self.trainer.budget = self.trainer.budget, self.meter
+        try:
+            while (o.epochs is None or self.progress.epoch < o.epochs) and not self.stop:
+                if self._out_of_budget():
+                    break
+                epoch_started = time.perf_counter()
+                out_of_time = self._run_epoch()
+                self._end_epoch(out_of_time, epoch_started)
+        finally:
+            self.trainer.budget = outer
         if o.restore_best and self.best_weights is not None:
             self.trainer.model.load_state_dict(self.best_weights)
         return self.history
@@ -293,7 +337,7 @@ class FitLoop:
             **state,
             "scheduler": None if o.scheduler is None else o.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
-            "fit": {**asdict(self.progress), "elapsed": self.elapsed()},
+            "fit": {**asdict(self.progress), "elapsed": self.elapsed(), "spent": self.meter.state_dict()},
             "history": self.history.state_dict(),
             "best_weights": self.best_weights,
         }, o.checkpoint)
@@ -305,35 +349,56 @@ class FitLoop:
         show = sys.stderr.isatty() if o.progress is None else o.progress
         if not show:
             return None
-        return _Bar(len(self.pieces), self.progress.piece, f"epoch {self.progress.epoch + 1}/{o.epochs}")
+        of = "" if o.epochs is None else f"/{o.epochs}"
+        return _Bar(len(self.pieces), self.progress.piece, f"epoch {self.progress.epoch + 1}{of}")
+
+    def _out_of_budget(self) -> bool:
+        """Whether a budget is spent (all ranks agreeing); if so the fit stops, saying which."""
+        meter = self.meter
+        if not (meter.stops_updates and self.trainer.agree_to_stop(meter.should_stop())):
+            return False
+        seconds = self.options.max_seconds
+        by_clock = seconds is not None and meter.stopped_by == str(Budget("seconds", seconds))
+        # the budget of another rank, when this one's is not spent
+        self.history.stopped_by = "max_seconds" if by_clock else (meter.stopped_by or "another process")
+        self.stop = True
+        return True
 
     def _run_epoch(self) -> bool:
-        """Feed the epoch's remaining segments; True if the time budget stopped it inside."""
-        o, p = self.options, self.progress
+        """Make the updates a stop left pending, then feed the epoch's remaining segments; True if a
+        budget stopped it inside."""
+        o, p, trainer = self.options, self.progress, self.trainer
         bar = self._progress_bar()
         try:
-            while p.piece < len(self.pieces):
-                last = p.piece == len(self.pieces) - 1
-                records = self._train_piece(*self.pieces[p.piece], last)
+            while trainer.pending or p.piece < len(self.pieces):
+                if self._out_of_budget():
+                    return True
+                room = None if o.checkpoint_every is None else max(1, o.checkpoint_every - self.since_save)
+                if trainer.pending:
+                    records = self._record(trainer.train_pending(room))
+                else:
+                    records = self._train_piece(*self.pieces[p.piece], p.piece == len(self.pieces) - 1, room)
                 if bar is not None:
-                    bar.advance(records[-1].loss if records else None)
-                if o.checkpoint_every is not None and self.since_save >= o.checkpoint_every and not last:
+                    bar.advance(records[-1].loss if records else None, p.piece)
+                more = trainer.pending or p.piece < len(self.pieces)
+                if o.checkpoint_every is not None and self.since_save >= o.checkpoint_every and more:
                     self.since_save = 0
                     if not self._save():
                         return False
-                if o.max_seconds is not None and self.trainer.agree_to_stop(self.elapsed() > o.max_seconds):
-                    self.history.stopped_by, self.stop = "max_seconds", True
-                    return not last
             return False
         finally:
             if bar is not None:
                 bar.close()
 
-    def _train_piece(self, a: int, b: int, last: bool) -> list[UpdateRecord]:
-        o, split = self.options, self.split
+    def _train_piece(self, a: int, b: int, last: bool, room: Optional[int]) -> list[UpdateRecord]:
+        split = self.split
         records = self.trainer.train_on(split.inputs[:, a:b], split.targets[:, a:b], _cut(split.mask, a, b),
-                                        end_of_stream=last, resets=_cut(split.resets, a, b))
+                                        end_of_stream=last, resets=_cut(split.resets, a, b), max_updates=room)
         self.progress.piece += 1
+        return self._record(records)
+
+    def _record(self, records: list[UpdateRecord]) -> list[UpdateRecord]:
+        o = self.options
         for record in records:
             self.history.add(record)
             for cb in o.callbacks:
@@ -361,6 +426,7 @@ class FitLoop:
             history.diverged = True
         info["epoch_time"] = time.perf_counter() - epoch_started
         info["wall_time"] = self.elapsed()
+        info["train_cpu"] = self.meter.spent("cpu")
         history.epochs.append(info)
         if not out_of_time:
             self._close_epoch(monitored)
@@ -375,6 +441,7 @@ class FitLoop:
         """A whole epoch is done: step the epoch scheduler and keep early stopping's count."""
         o, p = self.options, self.progress
         p.epoch, p.piece = p.epoch + 1, 0
+        self.meter.epoch_done()
         self.history.close_epoch()
         if o.scheduler is not None and o.scheduler_interval == "epoch":
             if isinstance(o.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -421,8 +488,8 @@ class _Bar:
         self.task = self.progress.add_task(description, total=total, completed=done, loss="")
         self.progress.start()
 
-    def advance(self, loss: Optional[float]) -> None:
-        self.progress.update(self.task, advance=1, **({} if loss is None else {"loss": f"loss {loss:.4g}"}))
+    def advance(self, loss: Optional[float], done: int) -> None:
+        self.progress.update(self.task, completed=done, **({} if loss is None else {"loss": f"loss {loss:.4g}"}))
 
     def close(self) -> None:
         self.progress.stop()

@@ -41,6 +41,16 @@ def reaches_earlier_blocks(schedule: Schedule) -> bool:
     return schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
 
 
+def nominal_k2(schedule: Schedule) -> Optional[int]:
+    """One window to name a schedule by where a number is wanted (None: n): TBPTT's k2, ARTBP's mean
+    window rounded, AdaptiveTBPTT's max_k2 (the k2 it chooses is only known once it trained)."""
+    if isinstance(schedule, AdaptiveTBPTT):
+        return schedule.max_k2
+    if isinstance(schedule, ARTBP):
+        return round(schedule.mean_k2)
+    return schedule.k2
+
+
 def longest_window(schedule: Schedule) -> Optional[int]:
     """The longest window ``schedule`` backpropagates through (None: the whole stream so far):
     TBPTT's k2; AdaptiveTBPTT's max_k2 (its measurements' window too); for ARTBP, whose J is

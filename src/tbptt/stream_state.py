@@ -55,6 +55,7 @@ class StreamState:
     backward_steps: int = 0
     snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
     segments: list[SegmentEntry] = field(default_factory=list)
+    ending: bool = False  # the streams end after the steps received (their last updates not made yet)
     plan: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------
@@ -75,6 +76,7 @@ class StreamState:
             "snapshots": self.snapshots,
             "segments": [{"start": s.start, "stop": s.stop, "in_state": s.in_state, "weights": s.weights,
                           "random": s.random} for s in self.segments],
+            "ending": self.ending,
             "plan": dict(self.plan),
         }
 
@@ -109,6 +111,8 @@ class StreamState:
             backward_steps=f.int("backward_steps"),
             snapshots=snapshots,
             segments=_read_segments(f, len(snapshots), previous, chunks),
+            # checkpoints written before streams could end with updates pending were never ending
+            ending=f.bool("ending") if "ending" in saved else False,
             plan=_read_plan(f),
         )
         return streams
@@ -177,7 +181,7 @@ class StreamState:
         """One state of all rows from states of consecutive rows (in row order) of the same streams,
         whose stored segments are cut at the same positions (``recut`` makes them so)."""
         first = shares[0]
-        for key in ("schedule", "strategy", "position", "previous"):
+        for key in ("schedule", "strategy", "position", "previous", "ending"):
             if any(getattr(s, key) != getattr(first, key) for s in shares):
                 raise ValueError(f"the ranks' streams differ in {key}: {[getattr(s, key) for s in shares]}")
         if first.batch_size is None or len(shares) == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Literal, Optional
 
 import torch
@@ -18,8 +19,9 @@ from . import checkpoint
 from . import state as st
 from .checkpointing import Segments
 from .contract import LossFn
+from .budget import BudgetMeter
 from .data.streams import Split
-from .engine import ResetFn, Strategy, StreamEngine, UpdateResult
+from .engine import ResetFn, Strategy, StreamEngine, UpdateResult, Updates
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError
 from .modelcheck import check_model as check_contract
@@ -35,7 +37,7 @@ from .safestep import (
 )
 from .saved import Fields
 from .schedules import Schedule
-from .validate import one_of, positive_number
+from .validate import one_of, positive_int, positive_number
 
 NonFinite = Literal["skip", "raise"]
 _CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs the checks on
@@ -96,6 +98,8 @@ class Trainer:
         self.nonfinite = nonfinite
         self.updates_applied = 0
         self.updates_skipped = 0
+        self.budget: Optional[BudgetMeter] = None
+        """Consulted before each update when set (``fit`` sets it for its budgets): see ``train_on``."""
 
     @property
     def schedule(self) -> Schedule:
@@ -122,6 +126,7 @@ class Trainer:
         mask: Optional[torch.Tensor] = None,
         end_of_stream: bool = False,
         resets: Optional[torch.Tensor] = None,
+        max_updates: Optional[int] = None,
     ) -> list[UpdateRecord]:
         """Continue the B streams with ``inputs[B, T, ...]`` and ``targets``; one record per update.
 
@@ -132,11 +137,19 @@ class Trainer:
         starts in a row (its state is reset there; no gradient crosses). ``end_of_stream=True``
         ends the streams after this data, as ``reset_state()`` does.
 
+        The call stops early, between two updates, after ``max_updates`` updates or when the
+        trainer's ``budget`` (a ``BudgetMeter``; ``fit`` sets one for its budgets) says so. The
+        steps are received all the same: the updates not made are ``pending``, and
+        ``train_pending()`` or the next ``train_on`` makes them first, exactly as an uninterrupted
+        call would have (a call that ended the streams must be followed by ``train_pending()`` or
+        ``reset_state()`` before new streams start).
+
         The model is put in training mode. Padding under a mask may hold anything in the targets;
         the inputs of padded steps must be finite, since other rows' gradients pass through them.
         With ``nonfinite="raise"``, the ``NonFiniteError`` carries the records of the updates this
         call applied before it (``error.records``); the streams stay open where they stood.
         """
+        positive_int(max_updates, "max_updates", "updates in this call", "no limit")
         if self._check_pending:
             # a sample of the first segment: long enough for every check, without holding a graph
             # over a whole split when the first segment is one
@@ -144,13 +157,39 @@ class Trainer:
             if not report.ok:
                 raise ModelContractError(report)
             self._check_pending = False
+        return self._make(self.engine.feed(inputs, targets, mask, end_of_stream, resets), max_updates)
+
+    @property
+    def pending(self) -> bool:
+        """Whether steps received hold updates not made yet (a budget or ``max_updates`` stopped
+        the call that received them)."""
+        return self.engine.pending
+
+    def train_pending(self, max_updates: Optional[int] = None) -> list[UpdateRecord]:
+        """Make the updates still pending (see ``train_on``), within ``max_updates`` and the budget."""
+        positive_int(max_updates, "max_updates", "updates in this call", "no limit")
+        return self._make(self.engine.updates(), max_updates)
+
+    def _make(self, updates: Updates, max_updates: Optional[int]) -> list[UpdateRecord]:
+        """Apply the updates one by one until they end, ``max_updates`` are made or the budget stops."""
         self.model.train()
         records: list[UpdateRecord] = []
+        meter = self.budget if self.budget is not None and self.budget.stops_updates else None
         started = time.perf_counter()
         try:
-            for result in self.engine.feed(inputs, targets, mask, end_of_stream, resets):
-                records.append(self._apply(result, started))
-                started = time.perf_counter()
+            with updates, (meter.training() if meter is not None else nullcontext()):
+                if meter is not None:
+                    meter.mark()
+                while max_updates is None or len(records) < max_updates:
+                    if meter is not None and self.agree_to_stop(meter.should_stop()):
+                        break
+                    result = next(updates, None)
+                    if result is None:
+                        break
+                    records.append(self._apply(result, started))
+                    if meter is not None:
+                        meter.update_done()
+                    started = time.perf_counter()
         except NonFiniteError as error:
             error.records = records
             raise
@@ -180,7 +219,7 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         self.updates_applied, self.updates_skipped = applied, skipped
 
-    def fit(self, train: Any, epochs: int = 1, valid: Any = None, **options: Any) -> History:
+    def fit(self, train: Any, epochs: Optional[int] = None, valid: Any = None, **options: Any) -> History:
         """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
         ``(inputs, targets[, mask[, resets]])``); each epoch streams it from fresh states.
 

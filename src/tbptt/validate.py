@@ -10,26 +10,39 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Iterable, Optional
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 
 class InvalidArgument(ValueError):
     """A bad argument value: ``name`` (as passed), the ``value`` and what was ``expected``.
 
     The message reads ``"{name} must be {expected}; got {value!r}"`` plus an optional hint.
+    ``mentions``: other arguments' names that the expectation or the hint speaks of (``"given
+    together with checkpoint"``), renamed with it (``renamed``).
     """
 
-    def __init__(self, name: str, value: Any, expected: str, hint: str = "") -> None:
+    def __init__(self, name: str, value: Any, expected: str, hint: str = "", mentions: Sequence[str] = ()) -> None:
         self.name, self.value, self.expected, self.hint = name, value, expected, hint
+        self.mentions = tuple(mentions)
         super().__init__(self._message(name))
 
     def _message(self, name: str) -> str:
         hint = f"; {self.hint}" if self.hint else ""
         return f"{name} must be {self.expected}; got {self.value!r}{hint}"
 
-    def renamed(self, name: str) -> "InvalidArgument":
-        """The same error under another name for the argument (a command-line flag, say)."""
-        error = type(self)(name, self.value, self.expected, self.hint)
+    def renamed(self, name: str, others: Optional[Mapping[str, str]] = None) -> "InvalidArgument":
+        """The same error under another name for the argument (a command-line flag, say), and under
+        ``others[m]`` for each argument ``m`` it mentions."""
+        others = {m: others[m] for m in self.mentions if others and m in others}
+
+        def rename(text: str) -> str:
+            for old, new in others.items():
+                text = re.sub(rf"(?<![\w-]){re.escape(old)}(?!\w)", new, text)
+            return text
+
+        error = type(self)(name, self.value, rename(self.expected), rename(self.hint),
+                           [others.get(m, m) for m in self.mentions])
         error.__cause__ = self
         return error
 

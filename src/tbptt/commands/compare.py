@@ -11,11 +11,15 @@ from .. import distributed as tdist
 from ..experiments.sweep import compare, summary_line
 from ..files import check_writable
 from ..validate import positive_int, positive_number
+from .console import card, make_console
 from .options import (
+    add_budget_option,
     add_run_options,
+    check_budget,
     check_run_options,
     load_task,
     print_error,
+    task_defaults,
     task_options,
 )
 
@@ -28,14 +32,15 @@ def register(subparsers) -> None:
         "report skill, stability and speed per configuration: tables here, and a report folder "
         "(results.csv/json, PNG plots, report.html). Ctrl-C keeps the runs that finished.",
     )
-    add_run_options(p)
+    add_run_options(p, epochs=None)
+    add_budget_option(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--config", action="append", required=True, metavar="K1,K2[@KEY=VALUE,...]",
                    help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 or 10,40@model=lru (keys lr, clip, "
-                   "strategy, model); repeatable")
+                   "strategy, model), artbp:10,30 (random windows, unbiased) or adaptive:10@tolerance=0.05 (k2 "
+                   "chosen from the measured gradient decay; keys tolerance, min_k2, max_k2, every); repeatable")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop each run once it has trained this many seconds; the budget is checked between "
-                   "train_on calls, so without --segment-length a run stops only at the end of an epoch")
+                   help="also stop each run after this many wall-clock seconds (checked between updates)")
     p.add_argument("--target", type=float, default=None,
                    help="validation metric for time-to-target (default: baseline + 90%% of the best improvement)")
     p.add_argument("--jobs", type=int, default=None,
@@ -50,7 +55,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, parser=p)
 
 
+def print_answer(console: Any, comparison: Any) -> None:
+    """The answer card, the dependency verdict (when the task's is known) and the Pareto front."""
+    answer = comparison.answer
+    if answer is None:
+        console.print("[red]no configuration finished: no answer[/red]")
+        return
+    card(console, f"{answer.task}: which TBPTT(k1, k2) at {answer.budget}", answer.lines())
+    for line in answer.dependency:
+        console.print(line, markup=False, highlight=False)
+    if answer.front_lines:
+        console.print("Pareto front, skill against CPU seconds of training (mean over seeds): where each "
+                      "configuration reached a better validation metric than any other with no more CPU time"
+                      + (f" (by more than {answer.front_tolerance:.2g}, the median spread over seeds)"
+                         if answer.front_tolerance > 0 else ""), markup=False, highlight=False)
+        for line in answer.front_lines:
+            console.print(f"  {line}", markup=False, highlight=False)
+
+
 def print_comparison(console: Any, comparison: Any) -> None:
+    """The answer first, then the tables of skill, stability and speed, then what went wrong."""
+    print_answer(console, comparison)
     for table in comparison.tables():
         console.print(table)
     failed = [r for r in comparison.runs if r["status"] == "failed"]
@@ -66,9 +91,7 @@ def print_comparison(console: Any, comparison: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
+    console = make_console()
     distributed = False
     try:
         check_run_options(args)
@@ -78,12 +101,14 @@ def run(args: argparse.Namespace) -> int:
         positive_number(args.timeout, "--timeout", "seconds")
         options = task_options(args.task, args.task_option)
         check_writable(args.out or f"tbptt-report/{args.task}", "--out", folder=True)
-        load_task(args.task, args.task_option)  # a missing file is reported here, before any run
+        task = load_task(args.task, args.task_option)  # a missing file is reported here, before any run
+        task_defaults(args, task)
+        budget = check_budget(args)
         distributed = _join_ranks(args)
         if distributed and torch_rank() != 0:
-            console = Console(quiet=True)
+            console = make_console(quiet=True)
         comparison = compare(
-            args.task, args.config, args.seeds, epochs=args.epochs, strategy=args.strategy,
+            args.task, args.config, args.seeds, epochs=args.epochs, budget=budget, strategy=args.strategy,
             hidden=args.hidden, model=args.model, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
             segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
             target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),

@@ -6,8 +6,9 @@ choices taken from the registries they name (tasks, models, strategies, optimize
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Optional
 
+from ..budget import Budget
 from ..data import TASKS
 from ..data import load_task as load
 from ..data import task_options as accepted
@@ -20,6 +21,7 @@ from ..validate import (
     positive_int,
     positive_number,
 )
+from .console import make_console
 
 
 def add_task_options(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -45,10 +47,12 @@ def check_model_options(args: argparse.Namespace) -> None:
     positive_int(args.hidden, "--hidden", "hidden units")
 
 
-def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
-    """The task, model and training options every command that trains takes."""
+def add_run_options(p: argparse.ArgumentParser, epochs: Optional[int] = 10) -> None:
+    """The task, model and training options every command that trains takes (``epochs``: the
+    default of ``--epochs``; None: set by the budget, or the task's own default)."""
     add_task_options(p)
-    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training streams (default {epochs})")
+    default = f"default {epochs}" if epochs is not None else "default: 10, or as many as --budget allows"
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training streams ({default})")
     add_model_options(p)
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam",
                    help="adam (default) or plain sgd (no momentum)")
@@ -61,9 +65,38 @@ def add_run_options(p: argparse.ArgumentParser, epochs: int = 10) -> None:
                    help="steps per train_on call (default: the whole split in one call)")
 
 
+def add_budget_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    """``--budget KIND:AMOUNT``: what each run may spend (``tbptt.budget``)."""
+    p.add_argument("--budget", default=default, metavar="KIND:AMOUNT",
+                   help="what each run may spend: epochs:N, cpu:SECONDS (CPU seconds of training, validation not "
+                   "counted) or backward:STEPS (backward steps, the gradient cost); a run stops between two updates "
+                   f"once it is spent; with --epochs as well, the epochs cap the run (default: "
+                   f"{default or 'epochs:10'})")
+
+
+def check_budget(args: argparse.Namespace) -> Optional[str]:
+    """The budget of ``--budget`` as text (``"cpu:3"``), checked; None when none was given."""
+    if args.budget is None:
+        return None
+    budget = Budget.parse(args.budget, "--budget")
+    if budget.kind == "epochs" and args.epochs is not None and args.epochs != budget.amount:
+        raise InvalidArgument("--epochs", args.epochs, f"left out or {budget.amount} with --budget {budget}")
+    return str(budget)
+
+
+def task_defaults(args: argparse.Namespace, task: Any) -> None:
+    """Fill in what the command line left to the task: ``--segment-length`` and, without a budget,
+    ``--epochs`` (a long text suggests calls of a few hundred steps and fewer epochs); 10 epochs
+    when the task suggests none."""
+    if args.segment_length is None:
+        args.segment_length = task.segment_length
+    if args.epochs is None and getattr(args, "budget", None) is None:
+        args.epochs = task.epochs or 10
+
+
 def check_run_options(args: argparse.Namespace) -> None:
     """Reject bad values of the options ``add_run_options`` declares, before any work starts."""
-    positive_int(args.epochs, "--epochs")
+    positive_int(args.epochs, "--epochs", none="set by the budget")
     check_model_options(args)
     positive_number(args.lr, "--lr")
     non_negative_number(args.clip, "--clip", "0 turns clipping off")
@@ -73,24 +106,34 @@ def check_run_options(args: argparse.Namespace) -> None:
 
 def flag_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -> Exception:
     """``exc`` in the command line's terms: an ``InvalidArgument`` about ``segment_length`` becomes
-    one about ``--segment-length`` when the command has that flag."""
-    if not isinstance(exc, InvalidArgument) or exc.name.startswith("-"):
+    one about ``--segment-length`` when the command has that flag (and so do the arguments it
+    mentions)."""
+    if not isinstance(exc, InvalidArgument):
         return exc
-    flag = "--" + exc.name.replace("_", "-")
-    if parser is not None and flag not in parser._option_string_actions:  # noqa: SLF001
+
+    def flag(name: str) -> str | None:
+        if name.startswith("-"):
+            return name
+        candidate = "--" + name.replace("_", "-")
+        if parser is not None and candidate not in parser._option_string_actions:  # noqa: SLF001
+            return None
+        return candidate
+
+    others = {m: f for m in exc.mentions if (f := flag(m)) is not None}
+    own = flag(exc.name)
+    if own == exc.name and not others:
         return exc
-    return exc.renamed(flag)
+    return exc.renamed(own or exc.name, others)
 
 
 def print_error(exc: Exception, parser: argparse.ArgumentParser | None = None) -> None:
     """One red line on standard error: what is wrong, in flags."""
-    from rich.console import Console
     from rich.markup import escape
 
-    # escaped: messages quote paths and torch's own errors, whose [brackets] are not markup;
-    # soft_wrap: one line however long (a path cut in two cannot be copied)
-    Console(stderr=True).print(f"[red]error:[/red] {escape(str(flag_error(exc, parser)))}", markup=True,
-                               highlight=False, soft_wrap=True)
+    # escaped: messages quote paths and torch's own errors, whose [brackets] are not markup; in a
+    # log, one line however long (a path cut in two cannot be copied)
+    make_console(stderr=True).print(f"[red]error:[/red] {escape(str(flag_error(exc, parser)))}", highlight=False,
+                                    soft_wrap=True)
 
 
 def task_options(name: str, items: list[str]) -> dict[str, Any]:

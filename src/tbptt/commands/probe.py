@@ -11,12 +11,12 @@ import torch
 
 from ..diagnostics import gradient_vs_lag
 from ..experiments.plots import plot_lag_profiles
-from ..experiments.runs import OPTIMIZERS, model_for
+from ..experiments.runs import OPTIMIZERS, Configuration, model_for
 from ..files import check_writable
-from ..schedule import TBPTT
 from ..trainer import Trainer
 from ..validate import fraction, positive_int
-from .options import add_run_options, check_run_options, load_task, print_error
+from .console import make_console
+from .options import add_run_options, check_run_options, load_task, print_error, task_defaults
 
 
 def register(subparsers) -> None:
@@ -54,13 +54,12 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
+    console = make_console()
     try:
         _check(args)
         task = load_task(args.task, args.task_option)
-        schedule = TBPTT.parse(args.config or f"{args.max_lag},{args.max_lag}")
+        task_defaults(args, task)
+        schedule = Configuration.parse(args.config or f"{args.max_lag},{args.max_lag}").schedule
         split = task.valid
         if split.steps <= args.max_lag:
             raise ValueError(f"--max-lag {args.max_lag} needs a validation stream longer than that; task "
@@ -110,22 +109,45 @@ def _probe(args: argparse.Namespace, task: Any, model: Any, schedule: Any, split
         table.add_row(name, *[f"{profile.norms[lag - 1]:.3g}" for lag in shown], f"{profile.growth:.3g}", verdict)
     console.print(table)
     console.print(f"trained: {args.epochs} epochs of {schedule}; validation {task.metric_name} {metric:.4g} "
-                  f"(baseline {task.baseline['valid']:.4g})")
-    if task.dependency is not None:
-        console.print(f"the task's known dependency: {task.dependency} steps (a window must be longer to span it)")
-    trained = list(profiles.values())[-1]
-    k2 = trained.recommend_k2(args.fraction)
-    if trained.exploding:
-        console.print("[red]the trained model's gradient grows with lag (exploding): clip gradients, "
-                      "lower the learning rate, or keep k2 short[/red]")
-    elif k2 is None:
-        console.print(f"more than {args.fraction:g} of the gradient lies at lag {args.max_lag} or beyond: "
-                      f"probe further (--max-lag) or use a longer k2")
-    else:
-        console.print(f"recommended k2 = {k2}: a window of {k2} steps keeps lags 1..{k2 - 1}; the lags it drops "
-                      f"({k2} and beyond) carry at most {args.fraction:g} of the gradient")
+                  f"(baseline {task.baseline['valid']:.4g})", markup=False, highlight=False)
+    for line in which_applies(profiles, args.fraction, args.max_lag, task, metric):
+        console.print(line, markup=False, highlight=False)
     png = _png(args)
     plot_lag_profiles(profiles, png, args.fraction, task.dependency,
-                      title=f"{task.name}, {args.model}: gradient against lag")
+                      title=f"{task.name}, {args.model}: gradient against lag",
+                      roles={"trained": "use this", "untrained": "lower bound"})
     console.print(f"plot: {png}")
     return 0
+
+
+def which_applies(profiles: dict, fraction: float, max_lag: int, task: Any, metric: float) -> list[str]:
+    """Which recommendation applies, and why: the trained model's decay is what the learnt task
+    needs; the untrained one is where training starts, usually a lower bound."""
+    trained, untrained = profiles["trained"], profiles["untrained"]
+    k2, start = trained.recommend_k2(fraction), untrained.recommend_k2(fraction)
+    lines = []
+    if trained.exploding:
+        return ["the trained model's gradient grows with lag (exploding): clip gradients, lower the learning rate, "
+                "or keep k2 short; no k2 keeps a mass that does not decay"]
+    if k2 is None:
+        lines.append(f"more than {fraction:g} of the trained model's gradient lies at lag {max_lag} or beyond: "
+                     "probe further (--max-lag) or use a longer k2")
+    else:
+        lines.append(f"use k2 = {k2} (the trained model's): a window of {k2} steps keeps lags 1..{k2 - 1}, and "
+                     f"the lags it drops ({k2} and beyond) carry at most {fraction:g} of the gradient of a model that "
+                     "has learnt the task; that decay is what the learnt task needs")
+    if start is not None and k2 is not None and start <= k2:
+        lines.append(f"the untrained model's k2 = {start} is a lower bound: its gradient decays faster "
+                     f"({untrained.growth:.3g} per lag against {trained.growth:.3g} trained), since memory the task "
+                     "needs is what training builds; a window that short drops what the trained model uses")
+    elif start is not None and k2 is not None:
+        lines.append(f"the untrained model's k2 = {start} is longer than the trained one's: here training shortened "
+                     "the gradient's reach; the trained model's k2 is the one that applies")
+    better = metric > task.baseline["valid"] if task.higher_is_better else metric < task.baseline["valid"]
+    if not better:
+        lines.append("the trained model does not beat the baseline yet: its decay may not show what the task needs; "
+                     "train longer (--epochs) before trusting the recommendation")
+    if task.dependency is not None:
+        lines.append(f"the task's known dependency: {task.dependency} steps (a window must be longer to span it); "
+                     "the probe measures where the gradient's mass lies, which may reach further")
+    return lines

@@ -22,12 +22,20 @@ import torch
 from .. import distributed as tdist
 from ..checkpoint import CheckpointError
 from ..experiments.runs import OPTIMIZERS, Configuration, model_for
-from ..modelcheck import ModelContractError
 from ..files import check_writable
-from ..schedules import Schedule
+from ..modelcheck import ModelContractError
 from ..trainer import Trainer
-from ..validate import positive_number
-from .options import add_run_options, check_run_options, load_task, print_error
+from ..validate import positive_int, positive_number
+from .console import FitLog, make_console
+from .options import (
+    add_budget_option,
+    add_run_options,
+    check_budget,
+    check_run_options,
+    load_task,
+    print_error,
+    task_defaults,
+)
 
 
 def register(subparsers) -> None:
@@ -39,11 +47,12 @@ def register(subparsers) -> None:
         "trains its share of the streams and rank 0 prints: "
         "torchrun --nproc_per_node 2 -m tbptt train --task echo --config 10,20 --distributed",
     )
-    add_run_options(p)
-    p.add_argument("--config", required=True, metavar="K1,K2",
-                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream); "
-                   "or artbp:K1,MEAN_K2 (random windows, unbiased), or adaptive:K1[@tolerance=0.1,max_k2=200,every=100] "
-                   "(k2 chosen from the measured gradient decay)")
+    add_run_options(p, epochs=None)
+    add_budget_option(p)
+    p.add_argument("--config", required=True, metavar="K1,K2[@KEY=VALUE,...]",
+                   help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream), e.g. "
+                   "10,40 or 20,20@lr=0.1 (keys lr, clip, strategy); or artbp:K1,MEAN_K2 (random windows, unbiased), "
+                   "or adaptive:K1[@tolerance=0.1,max_k2=200,every=100] (k2 chosen from the measured gradient decay)")
     p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")
@@ -61,11 +70,15 @@ def register(subparsers) -> None:
     p.add_argument("--check-model", action="store_true",
                    help="before the first update, check that the model keeps the engine's contract "
                    "(tbptt.check_model on the first segment); a model that breaks it stops the run with the report")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on the CPU (default 1: a small recurrent model's steps are too small to "
+                   "share, and more threads only contend, badly on a busy machine)")
     p.set_defaults(func=run, parser=p)
 
 
-def _check(args: argparse.Namespace) -> Schedule:
+def _check(args: argparse.Namespace) -> Configuration:
     check_run_options(args)
+    positive_int(args.threads, "--threads", "torch threads")
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
     if args.log is not None and Path(args.log).suffix not in (".jsonl", ".csv"):
@@ -74,22 +87,18 @@ def _check(args: argparse.Namespace) -> Schedule:
     for path, flag in ((args.log, "--log"), (args.checkpoint, "--checkpoint")):
         if path is not None:
             check_writable(path, flag)
-    configuration = Configuration.parse(args.config)
-    overrides = [k for k in ("lr", "clip", "strategy", "model") if getattr(configuration, k) is not None]
-    if overrides:
-        raise ValueError(f"--config {args.config!r} overrides {', '.join(overrides)}: train takes them as "
-                         f"{', '.join('--' + k for k in overrides)}")
-    return configuration.schedule
+    return Configuration.parse(args.config)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     distributed = args.distributed or tdist.in_torchrun_env()
     joined = False
     try:
-        schedule = _check(args)
+        config = _check(args)
+        budget = check_budget(args)
+        schedule = config.schedule
         task = load_task(args.task, args.task_option)
+        task_defaults(args, task)
         rank, world = 0, 1
         if distributed:
             joined = not torch.distributed.is_initialized()
@@ -97,25 +106,30 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, tdist.DistributedError) as exc:
         print_error(exc, args.parser)
         return 2
-    console = Console(quiet=rank != 0)
+    console = make_console(quiet=rank != 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         device = torch.device("cpu")
         if distributed and torch.distributed.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        model = model_for(task, args.model, args.hidden).to(device)
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
+        model_name = config.model or args.model
+        model = model_for(task, model_name, args.hidden).to(device)
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=config.lr or args.lr)
         kind = tdist.DistributedTrainer if distributed else Trainer
-        trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=args.strategy,
-                       clip_grad_norm=args.clip or None, check_model=args.check_model)
+        strategy = config.strategy or args.strategy
+        trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=strategy,
+                       clip_grad_norm=config.clip or args.clip or None, check_model=args.check_model)
         train = trainer.shard(task.train) if distributed else task.train
-        console.print(f"{task.description}: {args.model}, {schedule}, {args.strategy}, "
+        console.print(f"{task.description}: {model_name}, {schedule}, {strategy}, "
                       f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
+        logged = [] if console.is_terminal else [FitLog(console, train.steps, args.epochs)]
         history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
                               segment_length=args.segment_length, checkpoint=args.checkpoint,
                               checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log,
-                              allow_data_change=args.allow_data_change)
+                              allow_data_change=args.allow_data_change, budget=budget, callbacks=logged)
         if rank == 0:
             test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
             report(console, task, history, test["metric"], world)
@@ -132,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         joined = _exit_if_unattended(joined)
         return 1
     finally:
+        torch.set_num_threads(threads)
         if joined:
             torch.distributed.destroy_process_group()
     return 0
@@ -170,5 +185,5 @@ def report(console: Any, task: Any, history: Any, test_metric: float, world: int
         console.print(f"stopped by {history.stopped_by}")
     seconds, updates = history.totals.wall_time, history.totals.updates
     if seconds > 0:
-        console.print(f"{updates} updates in {seconds:.2f} s of training: "
+        console.print(f"{updates} update{'' if updates == 1 else 's'} in {seconds:.2f} s of training: "
                       f"{updates / seconds:.1f} updates/s on {world} process{'es' if world > 1 else ''}")

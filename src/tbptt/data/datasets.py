@@ -1,12 +1,17 @@
-"""Real data, loaded offline: two classic series from statsmodels and character-level text.
+"""Real data, loaded offline: two classic series shipped with the package, and character-level text.
 
-- ``co2``: weekly atmospheric CO2 at Mauna Loa, 1958-2001 (ppm), from ``statsmodels.datasets.co2``.
-- ``sunspots``: yearly sunspot numbers, 1700-2008, from ``statsmodels.datasets.sunspots``.
+- ``co2``: weekly atmospheric CO2 at Mauna Loa, 1958-2001 (ppm): Keeling & Whorf (2004), Scripps
+  Institution of Oceanography, via the Carbon Dioxide Information Analysis Center (U.S. Department
+  of Energy); public domain.
+- ``sunspots``: yearly sunspot numbers, 1700-2008, from NOAA's National Geophysical Data Center;
+  public domain.
 - ``text``: any text file, modelled character by character.
 
-Every split is cut by time (the past trains, the future validates and tests), so no statistic of
-a later split reaches an earlier one: the scaling is fitted on the training part alone, and the
-text vocabulary is built from it. statsmodels is the optional extra ``tbptt[data]``.
+Both series are the ones statsmodels distributes (``statsmodels.datasets.co2``, ``.sunspots``),
+kept in ``data/series/*.csv`` with their sources in each file's header, so that they load with the
+core install alone. Every split is cut by time (the past trains, the future validates and tests),
+so no statistic of a later split reaches an earlier one: the scaling is fitted on the training part
+alone, and the text vocabulary is built from it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from importlib import resources
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional, Union
@@ -28,6 +34,10 @@ from .task import Task, bits_per_symbol, cross_entropy, squared_error
 
 SERIES_FRACTIONS = (0.70, 0.15, 0.15)
 TEXT_FRACTIONS = (0.90, 0.05, 0.05)
+TEXT_SEGMENT = 500
+TEXT_STEPS_PER_RUN = 200_000
+"""The text task's suggested run: calls of ``TEXT_SEGMENT`` steps, and about this many steps per row
+in all (1 MB of text in 16 rows is 56,250 training steps a row: 4 epochs)."""
 UNKNOWN = "\ufffd"
 """The alphabet entry of the token id given to characters never seen in the training text."""
 
@@ -67,13 +77,14 @@ def rmse_in_units(scaler: StandardScaler, outputs: Tensor, targets: Tensor, mask
 
 
 def load_co2() -> np.ndarray:
-    """Weekly Mauna Loa CO2 in ppm, ``[T]`` float64, NaN where a week was not measured."""
-    return _statsmodels_column("co2", "co2")
+    """Weekly Mauna Loa CO2 in ppm from the week ending 29 March 1958, ``[T]`` float64, NaN where a
+    week was not measured."""
+    return _series("co2_weekly.csv").copy()
 
 
 def load_sunspots() -> np.ndarray:
     """Yearly sunspot numbers from 1700, ``[T]`` float64."""
-    return _statsmodels_column("sunspots", "SUNACTIVITY")
+    return _series("sunspots_yearly.csv").copy()
 
 
 def co2_task(
@@ -119,7 +130,14 @@ def text_task(
     if path is None:
         raise ValueError("the text task needs a file: load_task('text', path='corpus.txt')")
     positive_ints(batch_size=batch_size, eval_batch_size=eval_batch_size)
-    text = Path(path).read_text(encoding=encoding)
+    text = _read_text(path, encoding)
+    need = _shortest_text(batch_size, eval_batch_size)
+    if len(text) < need:
+        raise ValueError(
+            f"the text file {str(path)!r} has {len(text)} characters; the text task needs at least {need} (split "
+            f"90/5/5 by position into {batch_size} training rows and {eval_batch_size} validation and test rows): "
+            "use a longer text or fewer rows (batch_size, eval_batch_size)"
+        )
     bounds = _bounds(len(text), TEXT_FRACTIONS)
     alphabet = tuple(sorted(set(text[: bounds[1]]))) + (UNKNOWN,)
     index = {c: i for i, c in enumerate(alphabet[:-1])}
@@ -139,7 +157,34 @@ def text_task(
         "unigram character frequencies", baseline, dependency=None, vocab=vocab, metric_fn=bits_per_symbol,
         description=f"character-level language model of {Path(path).name} ({len(text)} characters, "
                     f"{vocab} symbols)", alphabet=alphabet,
+        # calls of a few hundred steps, so that progress shows and checkpoints can fall inside an epoch;
+        # epochs so that a corpus of about a megabyte trains in minutes
+        segment_length=min(TEXT_SEGMENT, max(train.steps, valid.steps)),
+        epochs=max(1, min(10, round(TEXT_STEPS_PER_RUN / train.steps))),
     )
+
+
+def _read_text(path: Union[str, os.PathLike], encoding: str) -> str:
+    """The file's text; errors name the file (and, for a wrong encoding, the option to change)."""
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"the text file {str(path)!r} is not {encoding} text (byte {exc.object[exc.start]:#04x} at position "
+            f"{exc.start}); give its encoding, e.g. encoding=latin-1"
+        ) from None
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r} for the text file {str(path)!r}; e.g. utf-8, latin-1") from None
+
+
+def _shortest_text(batch_size: int, eval_batch_size: int) -> int:
+    """The fewest characters whose 90/5/5 split leaves every row of every split a pair to predict."""
+    n = 2
+    while True:
+        _, train, valid, end = _bounds(n, TEXT_FRACTIONS)
+        if train - 1 >= batch_size and valid - train >= eval_batch_size and end - valid >= eval_batch_size:
+            return n
+        n += 1
 
 
 def _forecasting_task(
@@ -223,18 +268,10 @@ def _valid(split: Split) -> Tensor:
     return split.mask if split.mask is not None else torch.ones(split.inputs.shape[:2], dtype=torch.bool)
 
 
-def _statsmodels_column(name: str, column: str) -> np.ndarray:
-    # a copy of the cached column: callers may change theirs freely
-    return _statsmodels_values(name, column).copy()
-
-
 @lru_cache(maxsize=None)
-def _statsmodels_values(name: str, column: str) -> np.ndarray:
-    try:
-        from statsmodels import datasets
-    except ImportError as error:
-        raise ImportError(
-            f"the {name} dataset ships with statsmodels, which is not installed; "
-            "install it with: pip install tbptt[data]"
-        ) from error
-    return getattr(datasets, name).load_pandas().data[column].to_numpy(dtype=np.float64, copy=True)
+def _series(name: str) -> np.ndarray:
+    """The second column of ``data/series/NAME`` (a CSV whose ``#`` lines cite its source; an empty
+    value is a missing one); callers get copies, so that the cached array stays as read."""
+    text = (resources.files(__package__) / "series" / name).read_text(encoding="utf-8")
+    rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")][1:]
+    return np.array([float(value) if value.strip() else math.nan for _, value in rows], dtype=np.float64)

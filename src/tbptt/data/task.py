@@ -60,6 +60,8 @@ class Task:
     - ``vocab``: the number of input token ids when inputs are ``[B, T]`` integer tokens.
     - ``scaler``: the standard scaling of forecasting tasks (fitted on train only);
       ``alphabet``: the character of each token id for text.
+    - ``segment_length``, ``epochs``: suggested steps per ``train_on`` call and passes over the
+      training streams, for tasks whose splits are long (a real text); None: no suggestion.
     """
 
     name: str
@@ -79,6 +81,8 @@ class Task:
     metric_fn: Metric = field(repr=False)
     scaler: Optional[Any] = None
     alphabet: Optional[tuple[str, ...]] = None
+    segment_length: Optional[int] = None
+    epochs: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("train", "valid", "test"):

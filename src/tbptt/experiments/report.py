@@ -1,4 +1,5 @@
-"""A sweep's report: terminal tables (rich), results.csv/json, runs.csv and a self-contained report.html.
+"""A sweep's tables and files: terminal tables (rich), results.csv/json and runs.csv (report.html is
+``page.py``'s).
 
 ``meta`` describes the sweep: task, description, metric_name, higher_is_better, baseline,
 baseline_name, target, interrupted, and the settings the runs used.
@@ -6,14 +7,12 @@ baseline_name, target, interrupted, and the settings the runs used.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from ..files import atomic_write_text
 from .summary import Row, Run, label
@@ -33,8 +32,8 @@ STABILITY = [
     ("roughness", "roughness", "g3"),
 ]
 SPEED = [
-    ("wall s", "wall_time", "s"),
-    ("cpu s", "cpu_time", "s"),
+    ("train CPU s", "train_cpu", "s"),
+    ("CPU s", "cpu_time", "s"),
     ("steps/s", "steps_per_s", "int"),
     ("updates", "updates", "int"),
     ("fwd steps", "forward_steps", "int"),
@@ -44,28 +43,38 @@ SPEED = [
 ]
 GROUPS = {"skill": SKILL, "stability": STABILITY, "speed": SPEED}
 
+# what each column means, by row key (the HTML report prints them under each table)
 NOTES = {
-    "beats baseline": "runs whose final validation metric is better than the trivial baseline",
-    "CPU s to target": "CPU seconds of the run (one thread; training and validation) until the end of the "
+    "final_metric": "validation metric at the end of the run, mean ± standard deviation over seeds",
+    "best_metric": "the best validation metric of any epoch, mean over seeds",
+    "beats_baseline": "runs whose final validation metric is better than the trivial baseline",
+    "time_to_target": "CPU seconds of the run (one thread; training and validation) until the end of the "
     "first epoch whose validation metric reached the target (default: baseline + 90% of the best "
     "improvement any run achieved); mean over the runs that got there, with how many did",
-    "grad median": "each run's median gradient norm (before clipping), averaged over seeds",
-    "grad max": "the largest gradient norm (before clipping) of any update of any seed",
-    "spikes": "updates whose gradient norm exceeds 10x their run's median; mean over seeds",
+    "diverged": "runs that met a non-finite loss",
+    "grad_norm_median": "each run's median gradient norm (before clipping), averaged over seeds",
+    "grad_norm_max": "the largest gradient norm (before clipping) of any update of any seed",
+    "grad_spikes": "updates whose gradient norm exceeds 10x their run's median; mean over seeds",
     "roughness": "how much the validation loss goes up and down from epoch to epoch: mean |change of "
     "log loss| beyond its net change (0 for a curve that only falls); mean over seeds. Measured on "
     "validation, which every configuration computes alike (training losses per update are not comparable: "
     "one step's error for TBPTT(1,n), a stream's mean for TBPTT(n,n))",
-    "mean k2": "the mean window of the updates: k2 for TBPTT (blank for n), the mean L drawn for ARTBP, the "
+    "mean_k2": "the mean window of the updates: k2 for TBPTT (blank for n), the mean L drawn for ARTBP, the "
     "mean k2 in force for AdaptiveTBPTT (whose measurements' CPU seconds are in results.csv, measure_time)",
-    "cpu s": "CPU seconds of the run's process (one thread): steadier than wall time on a busy machine",
-    "steps/s": "stream steps (positions along the time axis, each covering every stream of the batch) "
+    "train_cpu": "CPU seconds spent training (forward, backward, optimizer; validation not counted): what a "
+    "CPU budget counts; mean over seeds",
+    "cpu_time": "CPU seconds of the whole run, validation included (one thread: steadier than wall time on a "
+    "busy machine); mean over seeds",
+    "steps_per_s": "stream steps (positions along the time axis, each covering every stream of the batch) "
     "trained per second spent in updates",
-    "graph MB": "peak memory held by autograd graphs (tensors saved for backward)",
+    "updates": "optimizer steps made, mean over seeds",
+    "forward_steps": "steps run forward, recomputed windows counted each time; mean over seeds",
+    "backward_steps": "steps backpropagated through, over all updates: the gradient cost; mean over seeds",
+    "peak_graph_mb": "peak memory held by autograd graphs (tensors saved for backward)",
 }
 
 
-def _g(value: Any, digits: int = 4) -> str:
+def number(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     value = float(value)
@@ -79,15 +88,15 @@ def cell(row: Row, key: str, kind: str) -> str:
     value = row.get(key)
     runs = row.get("runs", 0) - row.get("failed", 0)
     if kind == "pm":
-        return f"{_g(value)} ± {_g(row.get(key + '_std'), 2)}" if runs > 1 else _g(value)
+        return f"{number(value)} ± {number(row.get(key + '_std'), 2)}" if runs > 1 else number(value)
     if kind == "of_runs":
         return f"{value}/{runs}"
     if kind == "int":
         return "-" if value is None or not math.isfinite(value) else f"{value:,.0f}"
     if kind == "s":
-        return "-" if value is None or not math.isfinite(value) else f"{value:.1f}"
+        return "-" if value is None or not math.isfinite(value) else f"{value:.3g}" if value < 1 else f"{value:.1f}"
     if kind == "g3":
-        return _g(value, 3)
+        return number(value, 3)
     if kind == "mb":
         return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
     if kind == "reach":
@@ -95,10 +104,10 @@ def cell(row: Row, key: str, kind: str) -> str:
         if not reached:
             return f"never 0/{runs}"
         return f"{value:.1f} {reached}/{runs}"
-    return _g(value)
+    return number(value)
 
 
-def _columns(group: str, meta: dict) -> list[tuple[str, str, str]]:
+def columns(group: str, meta: dict) -> list[tuple[str, str, str]]:
     return [(title.format(metric=meta.get("metric_name", "metric")), key, kind) for title, key, kind in GROUPS[group]]
 
 
@@ -110,22 +119,23 @@ def terminal_tables(rows: Sequence[Row], meta: dict) -> list[Any]:
     direction = "higher" if meta.get("higher_is_better") else "lower"
     captions = {
         "skill": f"validation {meta.get('metric_name')} ({direction} is better); baseline "
-        f"({meta.get('baseline_name', 'trivial')}) = {_g(meta.get('baseline'))}; mean ± sd over seeds; "
-        f"target {_g(meta.get('target'))} (CPU s to reach it: mean over the runs that did)",
+        f"({meta.get('baseline_name', 'trivial')}) = {number(meta.get('baseline'))}; mean ± sd over seeds; "
+        f"target {number(meta.get('target'))} (CPU s to reach it: mean over the runs that did)",
         "stability": "gradient norms before clipping; grad median, spikes (> 10x the run's median) and "
         "roughness (of the validation loss per epoch): means over seeds; grad max: max over seeds",
-        "speed": "means over seeds; steps/s: stream steps (each covering all streams of the batch) per "
-        "second of updates; graph MB: peak memory held by autograd graphs",
+        "speed": "means over seeds; train CPU s: CPU seconds of training (what a cpu budget counts), CPU s: of "
+        "the whole run; steps/s: stream steps (each covering all streams of the batch) per second of updates; "
+        "graph MB: peak memory held by autograd graphs",
     }
     tables = []
     for group in GROUPS:
         table = Table(title=f"{meta.get('task', '')}: {group}", caption=captions[group], title_justify="left")
         table.add_column("configuration", no_wrap=True)
-        for title, _, _ in _columns(group, meta):
+        for title, _, _ in columns(group, meta):
             table.add_column(title, justify="right")
         for row in rows:
             style = "red" if row.get("diverged") or row.get("failed") else None
-            table.add_row(label(row, strategies), *[cell(row, k, kind) for _, k, kind in _columns(group, meta)],
+            table.add_row(label(row, strategies), *[cell(row, k, kind) for _, k, kind in columns(group, meta)],
                           style=style)
         tables.append(table)
     return tables
@@ -165,59 +175,3 @@ def write_results(out: Path, meta: dict, rows: Sequence[Row], runs: Sequence[Run
     atomic_write_text(out / "results.json", json.dumps(_json_safe(payload), indent=1))
     for name, records in (("results.csv", rows), ("runs.csv", [_flat(r) for r in runs])):
         atomic_write_text(out / name, _csv_text(records))
-
-
-def _html_table(rows: Sequence[Row], meta: dict) -> str:
-    strategies = len({r["strategy"] for r in rows})
-    head = ["configuration"]
-    for group in GROUPS:
-        head += [title for title, _, _ in _columns(group, meta)]
-    parts = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for row in rows:
-        cells = [label(row, strategies)]
-        for group in GROUPS:
-            cells += [cell(row, k, kind) for _, k, kind in _columns(group, meta)]
-        bad = ' class="bad"' if row.get("diverged") or row.get("failed") else ""
-        parts.append(f"<tr{bad}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    parts.append("</tbody></table>")
-    return "".join(parts)
-
-
-def write_html(out: Path, meta: dict, rows: Sequence[Row], images: Sequence[tuple[str, Optional[Path]]],
-               title: Optional[str] = None, headline: str = "") -> Path:
-    """report.html with the table and every image embedded (base64): one file to open or send; an
-    image whose path is None is a figure that could not be drawn, and its caption says why.
-    ``headline``: a sentence printed above the table (which configuration to use)."""
-    title = title or f"tbptt compare: {meta.get('task', '')}"
-    figures = []
-    for caption, path in images:
-        if path is None:  # a figure that could not be drawn: say so where it would have been
-            figures.append(f"<p class='bad'>Figure missing: {html.escape(caption)}</p>")
-            continue
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        figures.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    notes = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in NOTES.items())
-    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
-    interrupted = "<p class='bad'>Interrupted: only the runs that finished are shown.</p>" if meta.get("interrupted") else ""
-    direction = "higher" if meta.get("higher_is_better") else "lower"
-    text = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
-td:first-child{{text-align:left}}.bad{{color:#b00}}img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>{html.escape(meta.get('description', ''))}</p>
-<p>Metric: validation {html.escape(str(meta.get('metric_name')))} ({direction} is better).
-Baseline ({html.escape(str(meta.get('baseline_name', 'trivial')))}): {_g(meta.get('baseline'))}.
-Target for time-to-target: {_g(meta.get('target'))}.</p>
-<p>Settings: {html.escape(settings)}</p>{interrupted}
-<p><b>{html.escape(headline)}</b></p>
-{_html_table(rows, meta)}
-<ul>{notes}</ul>
-{''.join(figures)}
-</body></html>
-"""
-    path = out / "report.html"
-    atomic_write_text(path, text)
-    return path

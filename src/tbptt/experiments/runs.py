@@ -15,13 +15,22 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..budget import Budget
 from ..data import load_task
-from ..diagnostics import grad_norm_summary, roughness
+from ..diagnostics import grad_norm_summary, gradient_vs_lag, roughness
 from ..engine import STRATEGIES
 from ..models import MODELS, model_spec
-from ..schedules import SCHEDULE_OPTIONS, Schedule, parse_schedule
+from ..schedules import SCHEDULE_OPTIONS, Schedule, nominal_k2, parse_schedule
 from ..trainer import Trainer
-from ..validate import InvalidArgument, non_negative_int, one_of, positive_int, positive_number
+from ..validate import (
+    InvalidArgument,
+    InvalidArgumentType,
+    non_negative_int,
+    one_of,
+    positive_int,
+    positive_number,
+)
+from .memory import GraphMemory
 
 KEEP_UPDATES = 2000
 """Per-update records kept in a run's result (evenly thinned beyond this)."""
@@ -30,6 +39,10 @@ MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 """The built-in models a run may name (``"path/to/file.py:factory"`` names a user's own)."""
 
 _OVERRIDES = {"lr": float, "clip": float, "strategy": str, "model": str}
+CONFIG_FORM = ("K1,K2[@key=value,...] with K1 and K2 positive ints or n (the whole stream), or artbp:K1,MEAN_K2 or "
+               "adaptive:K1, and keys lr, clip, strategy, model (and, for adaptive:K1, tolerance, min_k2, max_k2, "
+               "every), e.g. 10,40 or n,n or 20,20@lr=0.1 or 10,40@model=lru or artbp:10,30 or "
+               "adaptive:10@tolerance=0.05")
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -57,9 +70,12 @@ class Configuration:
 
     @classmethod
     def parse(cls, text: str) -> "Configuration":
-        """Read ``"SCHEDULE[@key=value,...]"``."""
+        """Read ``"SCHEDULE[@key=value,...]"``; an ``InvalidArgument`` named ``config`` if it is not one.
+
+        The one place a configuration's text is read (``compare``, ``tbptt train``, ``probe``, ``demo``);
+        the schedule itself through ``tbptt.parse_schedule``."""
         if not isinstance(text, str):
-            raise TypeError(f"a configuration must be a string like '10,40' or '20,20@lr=1e3'; got {text!r}")
+            raise InvalidArgumentType("config", text, CONFIG_FORM)
         body, _, extra = text.partition("@")
         options: dict[str, Any] = {}
         scheduling: dict[str, str] = {}
@@ -69,15 +85,18 @@ class Configuration:
                 scheduling[key] = value
                 continue
             if not sep or key not in _OVERRIDES:
-                raise ValueError(
-                    f"bad override {item!r} in configuration {text!r}: expected key=value with key one of "
-                    f"{sorted(_OVERRIDES)} (or, for adaptive:K1, {', '.join(SCHEDULE_OPTIONS)}), e.g. '20,20@lr=1e3'"
-                )
+                raise InvalidArgument("config", text, CONFIG_FORM,
+                                      f"bad override {item!r}: keys are {', '.join(sorted(_OVERRIDES))} (and, for "
+                                      f"adaptive:K1, {', '.join(SCHEDULE_OPTIONS)})")
             try:
                 options[key] = _OVERRIDES[key](value)
             except ValueError:
-                raise ValueError(f"bad value for {key} in configuration {text!r}: {value!r}") from None
-        schedule = parse_schedule(body, scheduling)
+                raise InvalidArgument("config", text, CONFIG_FORM, f"bad value for {key}: {value!r}") from None
+        try:
+            schedule = parse_schedule(body, scheduling)
+        except ValueError as exc:  # InvalidArgument too: a value that is not right (k1 = 0) says which
+            generic = str(exc).startswith("expected a configuration like")
+            raise InvalidArgument("config", text, CONFIG_FORM, "" if generic else str(exc)) from None
         try:
             return cls(schedule, **options)
         except InvalidArgument as error:  # say where: a flag of the same name may hold another value
@@ -110,7 +129,7 @@ class RunSpec:
     config: str
     seed: int = 0
     strategy: str = "recompute"
-    epochs: int = 10
+    epochs: Optional[int] = 10
     hidden: int = 32
     model: str = "lstm"
     lr: float = 1e-2
@@ -120,11 +139,18 @@ class RunSpec:
     max_seconds: Optional[float] = None
     task_options: tuple[tuple[str, Any], ...] = field(default=())
     index: int = 0
+    budget: Optional[str] = None
+    probe_lags: Optional[int] = None
 
     def __post_init__(self) -> None:
         Configuration.parse(self.config)  # a bad configuration string fails here, with its message
         one_of(self.strategy, "strategy", STRATEGIES)
-        positive_int(self.epochs, "epochs")
+        positive_int(self.epochs, "epochs", none="until the budget runs out")
+        if self.budget is not None:
+            object.__setattr__(self, "budget", str(Budget.parse(self.budget)))
+        elif self.epochs is None:
+            raise InvalidArgument("epochs", None, "a positive int when there is no budget", mentions=("budget",))
+        positive_int(self.probe_lags, "probe_lags", "lags the trained model is probed at", "no probe")
         non_negative_int(self.seed, "seed")
         one_of(self.optimizer, "optimizer", tuple(OPTIMIZERS))
         positive_number(self.lr, "lr")
@@ -175,58 +201,6 @@ def check_models(specs: Sequence[RunSpec]) -> None:
             model_for(task, model, spec.hidden)
 
 
-class GraphMemory:
-    """Peak bytes held by autograd graphs: every tensor saved for backward is counted (each storage
-    once) from when it is saved until its graph is freed."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
-        self.current = 0
-        self.peak = 0
-
-    def _pack(self, tensor: torch.Tensor) -> Any:
-        try:
-            storage = tensor.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            return tensor
-        entry = self.live.get(key)
-        if entry is None:
-            self.live[key] = [1, size]
-            self.current += size
-            self.peak = max(self.peak, self.current)
-        else:
-            entry[0] += 1
-        return _Held(tensor, self, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self.live[key]
-
-    def hooks(self):
-        """The context manager that counts, for ``with``."""
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-
-
-class _Held:
-    __slots__ = ("tensor", "meter", "key")
-
-    def __init__(self, tensor: torch.Tensor, meter: GraphMemory, key: int) -> None:
-        self.tensor, self.meter, self.key = tensor, meter, key
-
-    def __del__(self) -> None:
-        self.meter._release(self.key)
-
-
-def _unpack(held: Any) -> torch.Tensor:
-    return held.tensor if isinstance(held, _Held) else held
-
-
 def _thin(values: list, keep: int) -> tuple[list, list[int]]:
     """At most ``keep`` evenly spaced values and their 1-based positions."""
     if len(values) <= keep:
@@ -235,14 +209,33 @@ def _thin(values: list, keep: int) -> tuple[list, list[int]]:
     return [values[i] for i in index], [i + 1 for i in index]
 
 
-class _EpochEvents:
-    """A ``fit`` callback that reports each finished epoch (run index, epoch) to ``emit``."""
+class _ProgressEvents:
+    """A ``fit`` callback that reports to ``emit`` where the run stands, ``("progress", index,
+    {"epoch", "loss", "done", "left"})`` with ``done`` the share of its budget spent (0 to 1) and
+    ``left`` what remains of it: at each epoch's end and at most every ``every`` seconds between."""
 
-    def __init__(self, emit: Callable[[tuple], None], index: int) -> None:
-        self.emit, self.index = emit, index
+    def __init__(self, emit: Callable[[tuple], None], index: int, steps: int, every: float = 0.5) -> None:
+        self.emit, self.index, self.steps, self.every = emit, index, steps, every
+        self.epoch, self.loss, self.last = 0, math.nan, time.perf_counter()
+
+    def _report(self, trainer) -> None:
+        meter = trainer.budget
+        epochs = self.epoch + trainer.position / max(self.steps, 1)
+        done = meter.fraction(epochs) if meter is not None else 0.0
+        left = meter.left() if meter is not None else ""
+        self.emit(("progress", self.index, {"epoch": self.epoch + 1, "loss": self.loss, "done": done, "left": left}))
+        self.last = time.perf_counter()
+
+    def on_update(self, trainer, record) -> None:
+        if not record.skipped:
+            self.loss = record.loss
+        if time.perf_counter() - self.last >= self.every:
+            self._report(trainer)
 
     def on_epoch_end(self, trainer, info: dict) -> None:
-        self.emit(("epoch", self.index, info["epoch"]))
+        if not info.get("partial"):
+            self.epoch = info["epoch"]
+        self._report(trainer)
 
 
 class _EpochClock:
@@ -279,10 +272,12 @@ def warm_up() -> None:
 def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> dict[str, Any]:
     """The result of a run that could not finish, with its error."""
     settings = spec.settings()
+    schedule = settings["schedule"]
     return {
         "task": spec.task, "config": str(spec.configuration), "strategy": settings["strategy"],
-        "model": settings["model"], "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
-        "status": "failed", "error": error,
+        "k1": schedule.k1, "k2": nominal_k2(schedule), "model": settings["model"],
+        "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
+        "budget": spec.budget or f"epochs:{spec.epochs}", "status": "failed", "error": error,
         "wall_time": math.nan if started is None else time.perf_counter() - started,
     }
 
@@ -324,6 +319,7 @@ class _Trained:
     meter: GraphMemory
     clock: "_EpochClock"
     cpu_started: float
+    lag_norms: Optional[list[float]] = None
 
 
 def _train(spec: RunSpec, task: Any, emit: Optional[Callable[[tuple], None]]) -> _Trained:
@@ -337,13 +333,31 @@ def _train(spec: RunSpec, task: Any, emit: Optional[Callable[[tuple], None]]) ->
                       clip_grad_norm=settings["clip"])
     meter = GraphMemory()
     clock = _EpochClock(cpu_started)
-    callbacks = [clock] + ([_EpochEvents(emit, spec.index)] if emit is not None else [])
+    callbacks = [clock] + ([_ProgressEvents(emit, spec.index, task.train.steps)] if emit is not None else [])
     with meter.hooks():
         # keep_updates: the report plots every update's gradient norm and loss (thinned below)
         history = trainer.fit(task.train, epochs=spec.epochs, valid=task.valid, metric=task.metric,
                               segment_length=spec.segment_length, callbacks=callbacks, progress=False,
-                              max_seconds=spec.max_seconds, keep_updates=True)
-    return _Trained(trainer, history, meter, clock, cpu_started)
+                              max_seconds=spec.max_seconds, budget=spec.budget, keep_updates=True)
+    lags = None if spec.probe_lags is None else _probe(model, task, spec.probe_lags)
+    return _Trained(trainer, history, meter, clock, cpu_started, lags)
+
+
+def _probe(model: Any, task: Any, max_lag: int) -> Optional[list[float]]:
+    """The trained model's mean gradient norm per lag (``gradient_vs_lag``) on a few validation
+    streams; None when the validation streams are too short or the model's state cannot be probed."""
+    split = task.valid
+    lags = min(max_lag, split.steps - 1)
+    if lags < 2:
+        return None
+    rows = slice(0, min(8, split.batch_size))
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    try:
+        profile = gradient_vs_lag(model, split.inputs[rows], targets=split.targets[rows], loss_fn=task.loss_fn,
+                                  max_lag=lags, positions=16, mask=pick(split.mask), resets=pick(split.resets))
+    except ValueError:  # e.g. a mask that leaves no step to probe
+        return None
+    return profile.norms
 
 
 def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
@@ -354,14 +368,17 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
     # an update skipped with a finite norm had no gradient to speak of (no valid steps): no point
     norms = [math.nan if r.skipped and math.isfinite(r.grad_norm) else r.grad_norm for r in history.updates]
     train_time = sum(r.wall_time for r in history.updates)
-    # stream steps fed: whole epochs, and the open one's steps when a time budget stopped it inside
+    # stream steps trained: whole epochs, and the open one's up to its last update when a budget stopped it
     complete = sum(not e.get("partial") for e in history.epochs)
-    steps = task.train.steps * complete + trainer.position
+    steps = task.train.steps * complete + trainer.engine.previous
     last = epochs[-1] if epochs else {}
-    diverged = history.diverged or not math.isfinite(last.get("valid_loss", math.nan))
+    diverged = history.diverged or (bool(epochs) and not math.isfinite(last.get("valid_loss", math.nan)))
     kept_norms, index = _thin(norms, KEEP_UPDATES)
     k2s = [r.k2 for r in history.updates]
+    windows = {} if len({k for k in k2s if k is not None}) <= 1 else {"k2": round(_mean_window(k2s))}
     return dict(
+        # a schedule that varied its windows (ARTBP, AdaptiveTBPTT) is named by their mean once trained
+        **windows,
         status="diverged" if diverged else "ok",
         metric_name=task.metric_name, higher_is_better=task.higher_is_better, baseline=task.baseline["valid"],
         epochs=epochs,
@@ -372,6 +389,8 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
         # CPU seconds of this process: on a shared machine, a steadier measure than wall time
         cpu_time=time.process_time() - run.cpu_started,
         train_time=train_time,
+        # CPU seconds inside the updates (validation apart): what a cpu budget counts
+        train_cpu=last.get("train_cpu", math.nan),
         steps=steps,
         steps_per_s=steps / train_time if train_time > 0 else math.nan,
         updates=len(history.updates),
@@ -392,6 +411,7 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
         # AdaptiveTBPTT's measurements: CPU seconds and steps run (forward and backward) to measure
         measure_time=trainer.engine.measure_seconds,
         measure_steps=trainer.engine.measure_steps,
+        lag_norms=run.lag_norms,
         **grad_norm_summary(norms),
     )
 
@@ -405,6 +425,8 @@ def _mean_window(k2s: list) -> float:
 def estimated_cost(spec: RunSpec, steps: int) -> float:
     """A rough relative cost of a run on streams of ``steps`` steps, to start the longest runs first."""
     settings = spec.settings()
+    if spec.epochs is None:  # until a budget runs out: every run costs about that budget
+        return 1.0
     cost = settings["schedule"].cost(steps)
     forward = cost["forward_stored"] if settings["strategy"] == "stored" else cost["forward_recompute"]
     # an update's fixed overhead (optimizer step, bookkeeping) is worth some tens of steps

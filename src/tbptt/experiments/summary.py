@@ -61,8 +61,12 @@ def time_to_target(run: Run, target: Optional[float], higher_is_better: bool) ->
 
 
 def label(run_or_row: dict, strategies: int) -> str:
-    """A configuration's name, with its strategy when the sweep has more than one."""
-    return run_or_row["config"] if strategies <= 1 else f"{run_or_row['config']} {run_or_row['strategy']}"
+    """A configuration's name, with its strategy when the sweep has more than one (and the name does
+    not say it already, as ``"TBPTT(1,50) strategy=stored"`` does)."""
+    config = run_or_row["config"]
+    if strategies <= 1 or "strategy=" in config:
+        return config
+    return f"{config} {run_or_row['strategy']}"
 
 
 def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -93,6 +97,8 @@ def summarize(
         rows.append({
             "config": config,
             "strategy": strategy,
+            "k1": group[0].get("k1"),
+            "k2": group[0].get("k2"),
             "runs": len(group),
             "failed": sum(r.get("status") == "failed" for r in group),
             "diverged": sum(r.get("status") == "diverged" for r in group),
@@ -109,6 +115,7 @@ def summarize(
             "roughness": _mean(r.get("roughness") for r in done),
             "wall_time": _mean(r.get("wall_time") for r in done),
             "cpu_time": _mean(r.get("cpu_time") for r in done),
+            "train_cpu": _mean(r.get("train_cpu") for r in done),
             "steps_per_s": _mean(r.get("steps_per_s") for r in done),
             "updates": _mean(r.get("updates") for r in done),
             "forward_steps": _mean(r.get("forward_steps") for r in done),

@@ -13,7 +13,7 @@ import os
 import queue as queue_module
 import signal
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -22,7 +22,10 @@ import torch
 from ..data import load_task
 from ..validate import positive_int
 from .plots import write_plots
-from .report import terminal_tables, write_html, write_results
+from .progress import SweepProgress
+from .answer import Answer, recommend
+from .page import write_html
+from .report import terminal_tables, write_results
 from .runs import (
     Configuration,
     RunSpec,
@@ -53,14 +56,16 @@ def _emit(event: tuple) -> None:
 
 
 def _worker_run(spec: RunSpec) -> Run:
+    _emit(("started", spec.index))
     return run_one(spec, _emit)
 
 
 @dataclass
 class Comparison:
     """The outcome of ``compare``: every run, one summary row per configuration, the target metric
-    used for time-to-target, where the report is (None when not written), its files, and the
-    figures that could not be drawn (with why)."""
+    used for time-to-target, where the report is (None when not written), its files, the figures
+    that could not be drawn (with why), and the ``answer`` (``tbptt.experiments.answer``): which
+    configuration to use at this budget, and why."""
 
     meta: dict[str, Any]
     runs: list[Run]
@@ -70,6 +75,7 @@ class Comparison:
     interrupted: bool = False
     files: list[Path] = field(default_factory=list)
     figure_errors: list[str] = field(default_factory=list)
+    answer: Optional[Answer] = None
 
     def tables(self):
         """The rich tables (skill, stability, speed) to print."""
@@ -95,6 +101,21 @@ def _specs(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]], 
     return specs
 
 
+def _plan(task: str, configs: Sequence[str], seeds: Union[int, Sequence[int]],
+          options: dict) -> tuple[list[RunSpec], dict[str, Any]]:
+    """The runs of a sweep and what describes it. The lag probe is for the answer's "why" on a task
+    whose dependency length is unknown, and one seed's runs suffice for it."""
+    if options["epochs"] is None and options["budget"] is None:
+        options = {**options, "epochs": 10}
+    specs = _specs(task, configs, seeds, options)
+    check_models(specs)  # a user's model file that fails to import or build fails here, before any run
+    meta = _meta(task, specs, options)
+    first = min(s.seed for s in specs)
+    specs = [s if s.probe_lags is None or (meta["dependency"] is None and s.seed == first)
+             else replace(s, probe_lags=None) for s in specs]
+    return specs, meta
+
+
 def _meta(task_name: str, specs: list[RunSpec], options: dict) -> dict[str, Any]:
     task = load_task(task_name, **dict(specs[0].task_options))
     settings = {k: v for k, v in spec_dict(specs[0]).items() if k not in ("config", "seed", "index", "task")}
@@ -113,7 +134,8 @@ def compare(
     configs: Sequence[str],
     seeds: Union[int, Sequence[int]] = 3,
     *,
-    epochs: int = 10,
+    epochs: Optional[int] = None,
+    budget: Optional[str] = None,
     strategy: str = "recompute",
     hidden: int = 32,
     model: str = "lstm",
@@ -129,6 +151,7 @@ def compare(
     progress: bool = True,
     console: Any = None,
     distributed: bool = False,
+    probe_lags: Optional[int] = 50,
 ) -> Comparison:
     """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..,model=..]"``) with
     each seed and summarise skill, stability and speed per configuration.
@@ -142,8 +165,13 @@ def compare(
     this process). ``target``: the validation metric for time-to-target, counted in each run's CPU
     seconds (default: baseline + 90% of the best improvement seen). ``out``: the report folder
     (results.csv/json, runs.csv, PNGs, report.html), rewritten as runs finish. Ctrl-C stops the
-    sweep, writes what finished and returns with ``interrupted=True``. ``max_seconds`` is checked
-    between ``train_on`` calls: without ``segment_length`` a run stops only at an epoch's end.
+    sweep, writes what finished and returns with ``interrupted=True``.
+
+    ``budget``: what each run may spend, ``"epochs:N"``, ``"cpu:SECONDS"`` (of training) or
+    ``"backward:STEPS"`` (``tbptt.budget``); without one, ``epochs`` epochs (default 10); with one,
+    ``epochs`` caps it. ``max_seconds``: a wall-clock limit on top. ``probe_lags``: on a task whose
+    dependency length is unknown, the first seed's runs probe their trained model's gradient
+    against lag (``gradient_vs_lag``, outside the budget) for the answer's "why"; None skips it.
 
     ``distributed``: spread the runs over the ranks of an initialised ``torch.distributed`` process
     group (e.g. processes started by torchrun on several machines); each rank runs its share with
@@ -151,12 +179,10 @@ def compare(
     the whole comparison. A run's result depends only on its seed, so the outcome equals a local
     sweep's.
     """
-    options = dict(epochs=epochs, strategy=strategy, hidden=hidden, model=model, lr=lr, optimizer=optimizer, clip=clip,
-                   segment_length=segment_length, max_seconds=max_seconds,
-                   task_options=tuple(sorted((task_options or {}).items())))
-    specs = _specs(task, configs, seeds, options)
-    check_models(specs)  # a user's model file that fails to import or build fails here, before any run
-    meta = _meta(task, specs, options)
+    options = dict(epochs=epochs, budget=budget, strategy=strategy, hidden=hidden, model=model, lr=lr,
+                   optimizer=optimizer, clip=clip, segment_length=segment_length, max_seconds=max_seconds,
+                   probe_lags=probe_lags, task_options=tuple(sorted((task_options or {}).items())))
+    specs, meta = _plan(task, configs, seeds, options)
     jobs = default_jobs(distributed) if jobs is None else positive_int(jobs, "jobs", "worker processes")
     rank, world = _ranks(distributed)
     # longest runs first, so that the last to finish is a short one (results keep spec order)
@@ -171,19 +197,21 @@ def compare(
             rows, used = summarize(done, meta["baseline"], meta["higher_is_better"], target)
             write_results(out_path, {**meta, "target": used, "partial": len(done) < len(specs)}, rows, done)
 
-    interrupted = _execute(ordered, jobs, _Progress(progress and rank == 0, len(ordered), epochs, console), finished)
+    names = {spec.index: f"{spec.configuration} seed {spec.seed}" for spec in ordered}
+    bar = SweepProgress(progress and rank == 0, len(ordered), names, console)
+    interrupted = _execute(ordered, jobs, bar, finished)
     if world > 1:
         results, interrupted = _gather(results, interrupted)
     runs = [results[i] for i in sorted(results)]
     rows, used = summarize(runs, meta["baseline"], meta["higher_is_better"], target)
     meta = {**meta, "target": used, "interrupted": interrupted, "partial": len(runs) < len(specs)}
-    comparison = Comparison(meta, runs, rows, used, interrupted=interrupted)
+    comparison = Comparison(meta, runs, rows, used, interrupted=interrupted, answer=recommend(rows, runs, meta))
     if out_path is not None:
         _write_report(comparison, out_path)
     return comparison
 
 
-def _execute(specs: list[RunSpec], jobs: int, bar: "_Progress", finished: Callable[[Run], None]) -> bool:
+def _execute(specs: list[RunSpec], jobs: int, bar: SweepProgress, finished: Callable[[Run], None]) -> bool:
     """Run ``specs`` (in this process, or in up to ``jobs`` workers); True if Ctrl-C stopped it."""
     with bar:
         try:
@@ -201,7 +229,7 @@ def _write_report(comparison: Comparison, out: Path) -> None:
     meta, runs, rows = comparison.meta, comparison.runs, comparison.rows
     write_results(out, meta, rows, runs)
     images = write_plots(out, runs, rows, meta) if runs else []
-    comparison.report = write_html(out, meta, rows, images, headline=summary_line(comparison))
+    comparison.report = write_html(out, meta, rows, images, comparison.answer)
     comparison.files = [out / n for n in ("results.json", "results.csv", "runs.csv")]
     comparison.files += [p for _, p in images if p is not None]
     comparison.figure_errors = [caption for caption, p in images if p is None]
@@ -239,13 +267,15 @@ def _gather(results: dict[int, Run], interrupted: bool) -> tuple[dict[int, Run],
     return merged, any(flag for _, flag in shares)
 
 
-def _run_here(specs: list[RunSpec], bar: "_Progress", finished) -> None:
+def _run_here(specs: list[RunSpec], bar: SweepProgress, finished) -> None:
     for spec in specs:
-        finished(run_one(spec, bar.event))
-        bar.run_done(spec.index)
+        bar.run_started(spec.index)
+        run = run_one(spec, bar.event)
+        finished(run)
+        bar.run_done(spec.index, run_summary(run))
 
 
-def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> None:
+def _run_pool(specs: list[RunSpec], jobs: int, bar: SweepProgress, finished) -> None:
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     before = set(mp.active_children())
@@ -259,7 +289,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> No
                 while True:
                     bar.event(events.get_nowait())
             except queue_module.Empty:
-                pass
+                bar.tick()
             for future in [f for f in pending if f.done()]:
                 pending.remove(future)
                 spec = futures[future]
@@ -268,7 +298,7 @@ def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> No
                 except Exception as exc:  # a worker that died (killed, out of memory) fails its runs only
                     run = failed_run(spec, f"{type(exc).__name__}: {exc}")
                 finished(run)
-                bar.run_done(spec.index)
+                bar.run_done(spec.index, run_summary(run))
         executor.shutdown(wait=True)
     except BaseException:
         # workers ignore SIGINT; stop them here so that an interrupted sweep ends now
@@ -283,52 +313,15 @@ def _run_pool(specs: list[RunSpec], jobs: int, bar: "_Progress", finished) -> No
         events.close()
 
 
-class _Progress:
-    """Epochs finished over all runs, as a rich progress bar (silent when ``show`` is False)."""
-
-    def __init__(self, show: bool, runs: int, epochs: int, console: Any = None) -> None:
-        self.show, self.runs, self.epochs, self.console = show, runs, epochs, console
-        self.progress = None
-        self.counted: dict[int, int] = {}
-        self.runs_done = 0
-
-    def __enter__(self) -> "_Progress":
-        if self.show:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("epochs"), TimeElapsedColumn(), console=self.console,
-                                     transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(self._describe(), total=self.runs * self.epochs)
-        return self
-
-    def _describe(self) -> str:
-        return f"runs {self.runs_done}/{self.runs}"
-
-    def _advance(self, index: int, epochs: int) -> None:
-        self.counted[index] = self.counted.get(index, 0) + epochs
-        if self.progress is not None:
-            self.progress.update(self.task, advance=epochs, description=self._describe())
-
-    def event(self, event: tuple) -> None:
-        if event[0] == "epoch":
-            self._advance(event[1], 1)
-
-    def run_done(self, index: int) -> None:
-        """A run ended; epochs it skipped (stopped early, diverged, failed) count as done."""
-        self.runs_done += 1
-        self._advance(index, max(0, self.epochs - self.counted.get(index, 0)))
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+def run_summary(run: Run) -> str:
+    """One line on a finished run, for a log: its configuration, seed, how it ended and its metric."""
+    name = f"{run['config']} seed {run['seed']}"
+    if run.get("status") == "failed":
+        return f"{name} failed: {run.get('error', '')}"
+    metric = run.get("final_metric", math.nan)
+    ended = f", stopped by {run['stopped_by']}" if run.get("stopped_by") else ""
+    return (f"{name} {run.get('status')}: validation {run.get('metric_name', 'metric')} {metric:.4g} after "
+            f"{run.get('updates', 0):,} updates, {run.get('train_cpu', math.nan):.1f} CPU s of training{ended}")
 
 
 def summary_line(comparison: Comparison) -> str:

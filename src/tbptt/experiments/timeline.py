@@ -107,7 +107,9 @@ def render_timeline(schedule: Schedule, n: int, width: int = 100, max_rows: int 
     updates = drawn_updates(schedule, n, seed)
     per = _bins(n, width)
     shown = _shown_rows(len(updates), max_rows)
-    cells = iter(_rows(updates, [r for r in shown if r is not None], n, per))
+    grid = _rows(updates, [r for r in shown if r is not None], n, per)
+    present = set(np.unique(grid).tolist())  # the legend names only what is drawn
+    cells = iter(grid)
     columns = math.ceil(n / per)
     label_width = len(f"T={n}") + 1
     lines: list[Text] = []
@@ -126,7 +128,7 @@ def render_timeline(schedule: Schedule, n: int, width: int = 100, max_rows: int 
             line.append(glyph, style=style)
         lines.append(line)
     legend = Text()
-    for kind in (ERROR, WINDOW, ADVANCE, OUTSIDE):
+    for kind in [k for k in (ERROR, WINDOW, ADVANCE, OUTSIDE) if k in present]:
         glyph, style = _GLYPHS[kind]
         legend.append(glyph, style=style)
         legend.append(f" {KIND_NAMES[kind]}   ")
@@ -184,7 +186,8 @@ def plot_schedule(schedule: Schedule, n: int, path: Optional[Union[str, Path]] =
         f"{cost['forward_recompute']} (recompute), backward {cost['backward']}, memory {cost['max_window']}",
         fontsize=9,
     )
-    handles = [Patch(color=_COLOURS[k], label=KIND_NAMES[k]) for k in (ERROR, WINDOW, ADVANCE)]
+    present = set(np.unique(shown).tolist())  # the legend names only what is drawn
+    handles = [Patch(color=_COLOURS[k], label=KIND_NAMES[k]) for k in (ERROR, WINDOW, ADVANCE) if k in present]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     if path is not None:
