@@ -355,3 +355,18 @@ def test_demo_runs_extra_configurations_next_to_its_own(tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "ARTBP(3,5)" in out and "demo finished" in out
     assert "ARTBP(3,5) 0." in out.split("k2 > d = 2")[1].split("k2 <= d")[0]  # its windows reach any lag
+
+
+def test_random_windows_reach_the_dependency_whatever_their_mean():
+    """ARTBP's windows are drawn per update: one whose mean is below d still reaches d steps back
+    (with a probability its compensation makes up for), so it is filed with the windows that span d."""
+    from tbptt.experiments.answer import dependency_lines, reaches
+
+    rows = [{"config": "ARTBP(2,4)", "strategy": "recompute", "k1": 2, "k2": 4, "windows": "random",
+             "final_metric": 0.3, "updates": 100.0},
+            {"config": "TBPTT(2,4)", "strategy": "recompute", "k1": 2, "k2": 4, "windows": "fixed",
+             "final_metric": 0.2, "updates": 100.0}]
+    assert reaches(rows[0], 5) and not reaches(rows[1], 5)
+    meta = {"dependency": 5, "baseline": 0.128, "higher_is_better": True, "metric_name": "accuracy"}
+    spans, short = "\n".join(dependency_lines(rows, meta)).splitlines()[1:3]
+    assert "ARTBP(2,4) 0.3" in spans and "TBPTT(2,4) 0.2 did not" in short

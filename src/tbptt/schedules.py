@@ -41,6 +41,12 @@ def reaches_earlier_blocks(schedule: Schedule) -> bool:
     return schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
 
 
+def window_kind(schedule: Schedule) -> str:
+    """How a schedule's windows are given: ``"fixed"`` (TBPTT), ``"random"`` (ARTBP: drawn per update,
+    any lag reached with some probability) or ``"adaptive"`` (AdaptiveTBPTT: chosen as it trains)."""
+    return "random" if isinstance(schedule, ARTBP) else "adaptive" if isinstance(schedule, AdaptiveTBPTT) else "fixed"
+
+
 def nominal_k2(schedule: Schedule) -> Optional[int]:
     """One window to name a schedule by where a number is wanted (None: n): TBPTT's k2, ARTBP's mean
     window rounded, AdaptiveTBPTT's max_k2 (the k2 it chooses is only known once it trained)."""

@@ -20,7 +20,7 @@ from ..data import load_task
 from ..diagnostics import grad_norm_summary, gradient_vs_lag, roughness
 from ..engine import STRATEGIES
 from ..models import MODELS, model_spec
-from ..schedules import SCHEDULE_OPTIONS, Schedule, nominal_k2, parse_schedule
+from ..schedules import SCHEDULE_OPTIONS, Schedule, nominal_k2, parse_schedule, window_kind
 from ..trainer import Trainer
 from ..validate import (
     InvalidArgument,
@@ -275,7 +275,7 @@ def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> di
     schedule = settings["schedule"]
     return {
         "task": spec.task, "config": str(spec.configuration), "strategy": settings["strategy"],
-        "k1": schedule.k1, "k2": nominal_k2(schedule), "model": settings["model"],
+        "k1": schedule.k1, "k2": nominal_k2(schedule), "windows": window_kind(schedule), "model": settings["model"],
         "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
         "budget": spec.budget or f"epochs:{spec.epochs}", "status": "failed", "error": error,
         "wall_time": math.nan if started is None else time.perf_counter() - started,

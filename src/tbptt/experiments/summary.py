@@ -99,6 +99,7 @@ def summarize(
             "strategy": strategy,
             "k1": group[0].get("k1"),
             "k2": group[0].get("k2"),
+            "windows": group[0].get("windows", "fixed"),  # ARTBP's are random, AdaptiveTBPTT's chosen
             "runs": len(group),
             "failed": sum(r.get("status") == "failed" for r in group),
             "diverged": sum(r.get("status") == "diverged" for r in group),
