@@ -14,11 +14,11 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "tbptt"
 
 # lowest first; a module may import its own layer and those below, never one above
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("validate", "files", "saved", "schedule", "state")),
+    ("base", ("validate", "files", "saved", "schedule", "state", "decay", "artbp", "adaptive", "schedules")),
     ("contract", ("contract", "steps")),
     ("models", ("models",)),
     ("data", ("data",)),
-    ("engine", ("stream_state", "stored", "checkpointing", "engine", "memory")),
+    ("engine", ("stream_state", "stored", "checkpointing", "compensation", "lagscan", "engine", "memory", "gradients")),
     ("model check", ("modelcheck",)),
     ("trainer", ("records", "budget", "checkpoint", "safestep", "fit", "trainer")),
     ("diagnostics", ("diagnostics",)),

@@ -300,3 +300,73 @@ def test_the_dependency_verdict_tells_learning_the_delay_from_beating_chance():
     assert "TBPTT(12,4) lr=0.1 0.6 learnt, though k2 <= d" in short
     assert "fewer updates" in text and "never links an output to the input 5 steps back" in text
     assert dependency_lines(rows, {**meta, "dependency": None}) == []
+
+
+def test_schedule_draws_artbp_windows_and_says_why_it_cannot_draw_adaptive_ones(capsys):
+    from tbptt import ARTBP
+    from tbptt.experiments.timeline import drawn_updates
+
+    assert main(["schedule", "artbp:3,6", "--n", "30", "--seed", "1", "--width", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "ARTBP(3,6) (one draw, seed 1) on n=30" in out
+    windows = {u.window for u in drawn_updates(ARTBP(3, 6), 30, seed=1)}
+    assert len(windows) > 2 and min(windows) == 3  # L = k1 + J, J drawn per update
+    assert drawn_updates(ARTBP(3, 6), 30, seed=1) != drawn_updates(ARTBP(3, 6), 30, seed=2)
+    assert main(["schedule", "adaptive:3"]) == 2
+    assert "chooses k2 from the gradients measured in training" in " ".join(capsys.readouterr().err.split())
+    assert main(["schedule", "artbp:3,2"]) == 2
+    assert "mean_k2 must be a number >= k1 = 3" in " ".join(capsys.readouterr().err.split())
+
+
+def test_compare_runs_artbp_and_adaptive_configurations_and_plots_their_windows(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["compare", *TINY_ADDING, "--config", "artbp:2,5", "--config", "adaptive:2@every=4,max_k2=12",
+                 "--seeds", "1", "--epochs", "2", "--jobs", "1", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in data["summary"]}
+    assert set(rows) == {"ARTBP(2,5)", "AdaptiveTBPTT(2,max_k2=12,every=4)"}
+    runs = {r["config"]: r for r in data["runs"]}
+    assert len(set(runs["ARTBP(2,5)"]["update_k2"])) > 2 and 3 < rows["ARTBP(2,5)"]["mean_k2"] < 8
+    adaptive = runs["AdaptiveTBPTT(2,max_k2=12,every=4)"]
+    assert adaptive["update_k2"][0] == 2 and adaptive["measure_steps"] > 0 and adaptive["measure_time"] > 0
+    assert (out / "k2.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
+
+
+@pytest.mark.parametrize("config,message", [
+    ("artbp:10,5", "mean_k2 must be a number >= k1 = 10"),
+    ("adaptive:5@tolerance=2", r"tolerance must be a number in \(0, 1\)"),
+    ("5,5@tolerance=0.1", "belong to an adaptive schedule"),
+    ("adaptive:5@every=x", "bad value for every"),
+])
+def test_bad_schedules_in_a_configuration_are_errors_before_any_work(config, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *TINY_ECHO, "--config", config]) == 2
+    assert re.search(message, " ".join(capsys.readouterr().err.split()))
+    assert main(["demo", "--config", config]) == 2
+    assert re.search(message, " ".join(capsys.readouterr().err.split()))
+    assert not any(tmp_path.iterdir())
+
+
+def test_demo_runs_extra_configurations_next_to_its_own(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "1", "--seeds", "1",
+                 "--config", "artbp:3,5"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ARTBP(3,5)" in out and "demo finished" in out
+    assert "ARTBP(3,5) 0." in out.split("k2 > d = 2")[1].split("k2 <= d")[0]  # its windows reach any lag
+
+
+def test_random_windows_reach_the_dependency_whatever_their_mean():
+    """ARTBP's windows are drawn per update: one whose mean is below d still reaches d steps back
+    (with a probability its compensation makes up for), so it is filed with the windows that span d."""
+    from tbptt.experiments.answer import dependency_lines, reaches
+
+    rows = [{"config": "ARTBP(2,4)", "strategy": "recompute", "k1": 2, "k2": 4, "windows": "random",
+             "final_metric": 0.3, "updates": 100.0},
+            {"config": "TBPTT(2,4)", "strategy": "recompute", "k1": 2, "k2": 4, "windows": "fixed",
+             "final_metric": 0.2, "updates": 100.0}]
+    assert reaches(rows[0], 5) and not reaches(rows[1], 5)
+    meta = {"dependency": 5, "baseline": 0.128, "higher_is_better": True, "metric_name": "accuracy"}
+    spans, short = "\n".join(dependency_lines(rows, meta)).splitlines()[1:3]
+    assert "ARTBP(2,4) 0.3" in spans and "TBPTT(2,4) 0.2 did not" in short

@@ -29,6 +29,12 @@ def test_train_prints_epochs_and_the_test_metric_against_the_baseline(tmp_path, 
     assert [e["epoch"] for e in log] == [1, 2] and log[1]["valid_loss"] < log[0]["valid_loss"]
 
 
+def test_train_takes_the_random_and_adaptive_schedules(tmp_path, capsys):
+    small = [a if a != "5,10" else "adaptive:5@every=3,max_k2=20" for a in SMALL]
+    assert main(["train", *small, "--epochs", "1"]) == 0
+    assert "AdaptiveTBPTT(5,max_k2=20,every=3), recompute" in capsys.readouterr().out
+
+
 def test_resume_continues_the_run_as_if_never_stopped(tmp_path, capsys):
     straight = tmp_path / "straight.jsonl"
     assert main(["train", *SMALL, "--strategy", "stored", "--epochs", "3", "--log", str(straight)]) == 0

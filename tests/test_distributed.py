@@ -21,6 +21,10 @@ from tbptt import distributed as tdist
 from tbptt.engine import StreamEngine
 
 CONFIGS = [(4, 4, "recompute"), (4, 4, "stored"), (3, 8, "recompute"), (3, 8, "stored")]
+# schedules that draw or choose their windows: every rank must give every update the same one
+VARIABLE = {"artbp": (tbptt.ARTBP(3, 6), "recompute"),
+            "adaptive": (tbptt.AdaptiveTBPTT(3, max_k2=12, every=2), "recompute"),
+            "adaptive stored": (tbptt.AdaptiveTBPTT(2, max_k2=20, every=2), "stored")}
 ROWS, STEPS, WORLD = 4, 26, 2
 TIMEOUT = 20.0  # the process group's: a collective waits at most this long for a rank
 
@@ -64,17 +68,28 @@ def data():
     return tbptt.data.Split(x, y, mask, resets)
 
 
-def new_trainer(k1, k2, strategy, cls=tbptt.Trainer):
+def new_trainer(k1, k2, strategy, cls=tbptt.Trainer, schedule=None):
     model = make_model("lstm", 0)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    return cls(model, mse_steps, opt, tbptt.TBPTT(k1, k2), strategy=strategy, clip_grad_norm=0.5)
+    return cls(model, mse_steps, opt, schedule or tbptt.TBPTT(k1, k2), strategy=strategy, clip_grad_norm=0.5)
 
 
-def train(k1, k2, strategy, cls=tbptt.Trainer, **options):
-    trainer = new_trainer(k1, k2, strategy, cls)
+def train(k1, k2, strategy, cls=tbptt.Trainer, schedule=None, **options):
+    trainer = new_trainer(k1, k2, strategy, cls, schedule)
     split = data() if cls is tbptt.Trainer else trainer.shard(data())
     history = trainer.fit(split, epochs=2, segment_length=5, progress=False, keep_updates=True, **options)
     return trainer, history
+
+
+def train_variable(schedule, strategy, cls=tbptt.Trainer, seed=100):
+    """As ``train``, torch seeded with ``seed`` once the model is made: ARTBP's generator is seeded
+    from it, so ranks given different seeds must still share rank 0's draws."""
+    model = make_model("lstm", 0)
+    torch.manual_seed(seed)
+    trainer = cls(model, mse_steps, torch.optim.Adam(model.parameters(), lr=0.02), schedule, strategy=strategy,
+                  clip_grad_norm=0.5)
+    split = data() if cls is tbptt.Trainer else trainer.shard(data())
+    return trainer, trainer.fit(split, epochs=2, segment_length=5, progress=False, keep_updates=True)
 
 
 def weights(trainer):
@@ -98,6 +113,9 @@ def ranks(rank, port, out):
     for k1, k2, strategy in CONFIGS:
         trainer, history = train(k1, k2, strategy, tdist.DistributedTrainer, log=f"{out}/log{rank}.jsonl")
         result[(k1, k2, strategy)] = (weights(trainer), [r.loss for r in history.updates])
+    for name, (schedule, strategy) in VARIABLE.items():
+        trainer, history = train_variable(schedule, strategy, tdist.DistributedTrainer, seed=100 + rank)
+        result[name] = (weights(trainer), [(r.start, r.k2, r.loss) for r in history.updates])
     # one update by hand: 1 valid step on rank 0, 3 on rank 1; rank 0 has no gradient for the
     # head's bias, nobody has one for its weight
     trainer = new_trainer(4, 4, "recompute", tdist.DistributedTrainer)
@@ -218,6 +236,24 @@ def test_two_ranks_with_half_the_rows_each_reach_the_weights_of_one_process_with
         assert losses == pytest.approx([r.loss for r in history.updates], rel=1e-10)
     skipped = [r for r in history.updates if r.skipped]
     assert not skipped, "no update of this data is empty on both ranks"
+
+
+@pytest.mark.parametrize("name", list(VARIABLE))
+def test_ranks_draw_and_choose_the_windows_one_process_does(job, name):
+    """ARTBP's L and AdaptiveTBPTT's k2 are the same on both ranks for every update, and those of one
+    process with all rows (masks and resets included): the draws start from rank 0's generator (the
+    ranks' own were seeded differently), the measurements are summed over the ranks' rows."""
+    schedule, strategy = VARIABLE[name]
+    trainer, history = train_variable(schedule, strategy)
+    alone = weights(trainer)
+    windows = [(r.start, r.k2) for r in history.updates]
+    assert len({k2 for _, k2 in windows}) > 1
+    for rank in range(WORLD):
+        got, updates = results(job, rank)[name]
+        assert [(start, k2) for start, k2, _ in updates] == windows
+        assert [loss for _, _, loss in updates] == pytest.approx([r.loss for r in history.updates], rel=1e-10)
+        for key in alone:
+            torch.testing.assert_close(got[key], alone[key], rtol=0, atol=1e-10)
 
 
 def test_an_update_is_weighted_by_valid_steps_and_missing_gradients_count_as_zeros(job):

@@ -63,14 +63,16 @@ def adam(params):
     return torch.optim.Adam(params, lr=0.02)
 
 
-def module(k1=3, k2=8, strategy="recompute", model=None, **options):
+def module(k1=3, k2=8, strategy="recompute", model=None, schedule=None, **options):
     model = make_model("lstm", 0) if model is None else model
-    return TBPTTModule(model, mse_steps, optimizer=adam, schedule=tbptt.TBPTT(k1, k2), strategy=strategy, **options)
+    return TBPTTModule(model, mse_steps, optimizer=adam, schedule=schedule or tbptt.TBPTT(k1, k2), strategy=strategy,
+                       **options)
 
 
-def reference(k1=3, k2=8, strategy="recompute", model=None, **options):
+def reference(k1=3, k2=8, strategy="recompute", model=None, schedule=None, **options):
     model = make_model("lstm", 0) if model is None else model
-    return tbptt.Trainer(model, mse_steps, adam(model.parameters()), tbptt.TBPTT(k1, k2), strategy=strategy, **options)
+    return tbptt.Trainer(model, mse_steps, adam(model.parameters()), schedule or tbptt.TBPTT(k1, k2),
+                         strategy=strategy, **options)
 
 
 def fit(m, train, valid=None, ckpt_path=None, **trainer_options):
@@ -130,13 +132,20 @@ def test_segments_reject_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("k1,k2", [(4, 4), (3, 8)])
-@pytest.mark.parametrize("strategy", ["recompute", "stored"])
-def test_a_lightning_fit_makes_the_updates_of_the_trainer_fed_the_same_segments(k1, k2, strategy):
+VARIABLE = {"artbp": (tbptt.ARTBP(3, 6), "recompute"),
+            "adaptive stored": (tbptt.AdaptiveTBPTT(2, max_k2=20, every=2), "stored")}
+"""Schedules that draw or choose their windows."""
+
+
+@pytest.mark.parametrize("k1,k2,schedule,strategy", [
+    *[(k1, k2, None, strategy) for k1, k2 in [(4, 4), (3, 8)] for strategy in ("recompute", "stored")],
+    *[(None, None, name, strategy) for name, (_, strategy) in VARIABLE.items()]])
+def test_a_lightning_fit_makes_the_updates_of_the_trainer_fed_the_same_segments(k1, k2, schedule, strategy):
+    schedule = None if schedule is None else VARIABLE[schedule][0]
     split = data()
-    m = module(k1, k2, strategy, clip_grad_norm=0.5)
+    m = module(k1, k2, strategy, clip_grad_norm=0.5, schedule=schedule)
     trainer = fit(m, segments(split, segment_length=LENGTH))
-    ref = reference(k1, k2, strategy, clip_grad_norm=0.5)
+    ref = reference(k1, k2, strategy, clip_grad_norm=0.5, schedule=schedule)
     records = []
     for _ in range(2):
         for a in range(0, STEPS, LENGTH):
@@ -144,8 +153,8 @@ def test_a_lightning_fit_makes_the_updates_of_the_trainer_fed_the_same_segments(
             records += ref.train_on(split.inputs[:, a:b], split.targets[:, a:b], split.mask[:, a:b],
                                     end_of_stream=b == STEPS, resets=split.resets[:, a:b])
     assert_same_weights(weights(m.model), weights(ref.model))
-    assert [(r.start, r.loss_start, r.stop, r.skipped) for r in m.records] == [
-        (r.start, r.loss_start, r.stop, r.skipped) for r in records]
+    assert [(r.start, r.loss_start, r.stop, r.skipped, r.k2) for r in m.records] == [
+        (r.start, r.loss_start, r.stop, r.skipped, r.k2) for r in records]
     torch.testing.assert_close(torch.tensor([r.loss for r in m.records]), torch.tensor([r.loss for r in records]))
     assert trainer.global_step == m.updates_applied == ref.updates_applied
     assert m.engine.position == 0  # each epoch ended its streams
@@ -484,7 +493,7 @@ def test_bad_arguments_to_the_module_say_what_was_expected():
     model = make_model("lstm", 0)
     with pytest.raises(TypeError, match=r"optimizer must be a function that builds it, e.g. optimizer=lambda params"):
         TBPTTModule(model, mse_steps, optimizer=adam(model.parameters()), schedule=tbptt.TBPTT(3, 8))
-    with pytest.raises(TypeError, match=r"schedule must be a tbptt.TBPTT, e.g. schedule=tbptt.TBPTT\(5, 20\); got None"):
+    with pytest.raises(TypeError, match=r"schedule must be a tbptt.TBPTT, ARTBP or AdaptiveTBPTT, e.g. schedule=tbptt.TBPTT\(5, 20\); got None"):
         TBPTTModule(model, mse_steps, optimizer=adam)
     with pytest.raises(TypeError, match="needs model="):
         TBPTTModule(None, mse_steps, optimizer=adam, schedule=tbptt.TBPTT(3, 8))
@@ -526,6 +535,10 @@ def ddp_rank(rank, port, out):
         trainer = fit(m, segments(data(), segment_length=LENGTH), segments(data(seed=5), segment_length=LENGTH),
                       **options)
         result[(k1, k2, strategy)] = (weights(m.model), float(trainer.callback_metrics["val_loss"]))
+    for name, (schedule, strategy) in VARIABLE.items():
+        m = module(strategy=strategy, clip_grad_norm=0.5, schedule=schedule)
+        fit(m, segments(data(), segment_length=LENGTH), **options)
+        result[name] = (weights(m.model), [(r.start, r.k2) for r in m.records])
     # killed after a checkpoint inside the second epoch, resumed by both ranks
     m = module(3, 8, "stored", clip_grad_norm=0.5)
     keep = ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=11, save_top_k=-1)
@@ -561,6 +574,20 @@ def test_two_ddp_ranks_make_the_updates_of_one_process_with_all_rows(ddp, config
         ranked, val_loss = ddp[1][rank][config]
         assert_same_weights(ranked, weights(m.model), tol=1e-10)
         assert val_loss == pytest.approx(float(trainer.callback_metrics["val_loss"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list(VARIABLE))
+def test_ddp_ranks_give_every_update_the_window_one_process_does(ddp, name):
+    """ARTBP's draws from rank 0's generator, the adaptive measurements summed over the ranks."""
+    schedule, strategy = VARIABLE[name]
+    m = module(strategy=strategy, clip_grad_norm=0.5, schedule=schedule)
+    fit(m, segments(data(), segment_length=LENGTH))
+    windows = [(r.start, r.k2) for r in m.records]
+    assert len({k2 for _, k2 in windows}) > 1
+    for rank in (0, 1):
+        ranked, their_windows = ddp[1][rank][name]
+        assert their_windows == windows
+        assert_same_weights(ranked, weights(m.model), tol=1e-10)
 
 
 def test_ddp_ranks_stay_in_sync_across_a_checkpoint_and_resume(ddp):

@@ -4,6 +4,8 @@ See ``SEMANTICS.md`` for what TBPTT(k1, k2) computes, to the index.
 """
 
 from . import models as models
+from .adaptive import AdaptiveTBPTT
+from .artbp import ARTBP
 from .budget import Budget, BudgetMeter
 from .checkpoint import CheckpointError
 from .data import (
@@ -19,19 +21,25 @@ from .data import (
 )
 from .diagnostics import LagProfile, gradient_vs_lag, recommend_k2
 from .distributed import DistributedError, DistributedTrainer, init_from_env
-from .engine import STRATEGIES, StreamEngine, UpdateResult, truncated_gradients
+from .engine import STRATEGIES, StreamEngine, UpdateResult
+from .gradients import truncated_gradients
 from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import LRU, Mamba, MinGRU, MinLSTM, RecurrentNet
 from .memory import GraphMemoryError
 from .records import History, NonFiniteError, UpdateRecord, UpdateStats
 from .schedule import TBPTT, Update
+from .schedules import Schedule, parse_schedule
 from .state import detach, reset_rows
 from .trainer import Trainer
 from .validate import InvalidArgument
 
 __all__ = [
     "TBPTT",
+    "ARTBP",
+    "AdaptiveTBPTT",
+    "Schedule",
+    "parse_schedule",
     "RecurrentNet",
     "check_model",
     "ModelReport",

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import state as st
 from .contract import LossFn
+from .decay import check_curve, geometric_rate
 from .validate import positive_int
 
 
@@ -52,26 +53,13 @@ class LagProfile:
 
 
 def _curve(curve: Union[LagProfile, Sequence[float]]) -> list[float]:
-    norms = list(curve.norms) if isinstance(curve, LagProfile) else [float(v) for v in curve]
-    if not norms:
-        raise ValueError("the lag curve is empty; measure at least one lag (max_lag >= 1)")
-    if any(not math.isfinite(v) or v < 0 for v in norms):
-        raise ValueError(f"lag norms must be finite and non-negative; got {norms}")
-    return norms
+    return check_curve(curve.norms if isinstance(curve, LagProfile) else curve)
 
 
 def growth_rate(curve: Union[LagProfile, Sequence[float]]) -> float:
     """The per-lag ratio of a geometric fit to the curve: exp of the least-squares slope of
     log(norm) against lag (1.0 for a single lag; zero norms count as 1e-300)."""
-    norms = _curve(curve)
-    if len(norms) < 2:
-        return 1.0
-    logs = [math.log(max(v, 1e-300)) for v in norms]
-    n = len(logs)
-    mean_x, mean_y = (n + 1) / 2, sum(logs) / n
-    sxx = sum((i + 1 - mean_x) ** 2 for i in range(n))
-    sxy = sum((i + 1 - mean_x) * (y - mean_y) for i, y in enumerate(logs))
-    return math.exp(sxy / sxx)
+    return geometric_rate(_curve(curve))
 
 
 def recommend_k2(curve: Union[LagProfile, Sequence[float]], fraction: float = 0.01) -> Optional[int]:
@@ -93,17 +81,6 @@ def recommend_k2(curve: Union[LagProfile, Sequence[float]], fraction: float = 0.
         return None
     # k2 = len(norms) always qualifies here: it drops the last lag alone
     return next(k2 for k2 in range(2, len(norms) + 1) if sum(norms[k2 - 1 :]) <= fraction * total)
-
-
-def _row_norms_squared(grads: Sequence[Optional[torch.Tensor]], leaves: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
-    """Per-row squared norm of the gradient with respect to a state, its leaves concatenated."""
-    total = torch.zeros(batch, dtype=torch.float64)
-    for g, leaf in zip(grads, leaves):
-        if g is None:
-            continue
-        dim = st.batch_dim(leaf, batch)
-        total += g.detach().movedim(dim, 0).reshape(batch, -1).double().pow(2).sum(dim=1).cpu()
-    return total
 
 
 def gradient_vs_lag(
@@ -206,7 +183,7 @@ def _lag_norms(loss: torch.Tensor, states: list[st.State], t: int, max_lag: int,
     out = torch.zeros(max_lag, batch, dtype=torch.float64)
     offset = 0
     for i, group in enumerate(leaves):
-        out[i] = _row_norms_squared(grads[offset : offset + len(group)], group, batch).sqrt()
+        out[i] = st.row_norms_squared(grads[offset : offset + len(group)], group, batch).sqrt()
         offset += len(group)
     return out
 

@@ -115,6 +115,7 @@ class DistributedTrainer(Trainer):
         self._updates_seen = 0
         self._agree(self._settings(), "every rank must build the same model, optimizer and trainer")
         self._broadcast_model()
+        self._share_plan()
 
     # ------------------------------------------------------------------------------------------
     def shard(self, data: Any) -> Split:
@@ -275,6 +276,23 @@ class DistributedTrainer(Trainer):
                 for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
                     t.copy_(part.view(t.shape))
 
+    def _share_plan(self) -> None:
+        """Every rank follows rank 0's schedule: ARTBP's draws start from rank 0's generator, and an
+        adaptive schedule's measurements are summed over all ranks' rows before k2 is chosen, so that
+        every update has the same L or k2 on every rank (the one a single process would choose)."""
+        engine = self.engine
+        if engine.generator is not None:
+            state = [engine.generator.get_state()]
+            self._collective(dist.broadcast_object_list, state, src=self._root, what="sharing rank 0's ARTBP draws")
+            engine.generator.set_state(state[0])
+
+        def combine(sums: torch.Tensor) -> torch.Tensor:
+            total = sums.to(self._device())
+            self._collective(dist.all_reduce, total, what="summing a measurement of the gradient's decay")
+            return total.cpu()
+
+        engine.combine = combine
+
     def _settings(self) -> dict[str, Any]:
         """What every rank must have alike, as plain data: the model's tensors, the optimizer and
         the trainer's settings."""
@@ -350,7 +368,7 @@ def combine_ranks(
     grads: dict[str, Optional[torch.Tensor]] = {}
     for (name, p), g, used in zip(named, torch.split(mean[:size], sizes), anywhere):
         grads[name] = g.view(p.shape) if used else None
-    return UpdateResult(result.update, mean[size], grads, total)
+    return UpdateResult(result.update, mean[size], grads, total, result.k2)
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,17 @@ Two strategies (``SEMANTICS.md``):
   covers them (``stored.py``); a window's backward goes through them as they are.
 
 With k1 >= k2 no window reaches into an earlier block and the two strategies are the same code.
+
+The schedule is followed through its plan (``schedule.Plan``): TBPTT's is index arithmetic; ARTBP's
+draws its windows from a ``torch.Generator`` the engine owns (seeded from torch's random generator,
+saved with the streams), and its steps before a block run one per call so that the gradient through
+each can be compensated (``compensation.py``); AdaptiveTBPTT's holds the k2 chosen so far, from the
+measurements the engine makes at the updates it names (``lagscan.py``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterator, Literal, Optional
 
@@ -26,9 +33,14 @@ import torch
 from torch import nn
 
 from . import state as st
+from .adaptive import AdaptivePlan
+from .artbp import ARTBP
 from .checkpointing import Segments, check_segments, checkpointed_call, segment_cuts
+from .compensation import run_compensated, uniforms
 from .contract import LossFn, call_model, check_state_rows, masked_sum, require_gradient, step_losses
-from .schedule import TBPTT, Update
+from .lagscan import measured_curve
+from .schedule import Plan, Update
+from .schedules import Schedule, check_schedule, reaches_earlier_blocks
 from .steps import StepBuffer, Steps, check_steps, reset_positions
 from .stored import Segment, describe, window_gradient
 from .saved import CheckpointError
@@ -44,12 +56,14 @@ ResetFn = Callable[[object, torch.Tensor], object]
 @dataclass
 class UpdateResult:
     """What one update produced: its indices, its loss (a 0-d tensor), one gradient per trainable
-    parameter (None where the loss does not depend on it) and the count of valid error steps."""
+    parameter (None where the loss does not depend on it), the count of valid error steps, and the
+    window it was given (``k2``: TBPTT's k2, None for n; ARTBP's L drawn; AdaptiveTBPTT's k2 in force)."""
 
     update: Update
     loss: torch.Tensor
     grads: dict[str, Optional[torch.Tensor]]
     valid_steps: torch.Tensor
+    k2: Optional[int] = None
 
 
 class Updates(Iterator[UpdateResult]):
@@ -87,19 +101,28 @@ class StreamEngine:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        schedule: TBPTT,
+        schedule: Schedule,
         strategy: Strategy = "recompute",
         reset_fn: Optional[ResetFn] = None,
         checkpoint_segments: Segments = None,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> [B, T]; got {loss_fn!r}")
-        if not isinstance(schedule, TBPTT):
-            raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
+        check_schedule(schedule)
         one_of(strategy, "strategy", STRATEGIES)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (ARTBP's draws) or None; "
+                            f"got {type(generator).__name__}")
         check_segments(checkpoint_segments)
+        if isinstance(schedule, ARTBP) and strategy == "stored":
+            raise ValueError(
+                f"{schedule} needs strategy='recompute': its compensation makes the update an unbiased estimate of "
+                "the gradient at the current weights, which windows stored under older weights are not; and "
+                "its windows, drawn anew for each update, would need every step kept as its own segment"
+            )
         self.reset_fn = reset_fn or st.reset_rows
         self.checkpoint_segments = checkpoint_segments
         self.model = model
@@ -107,21 +130,30 @@ class StreamEngine:
         self.schedule = schedule
         self.strategy = strategy
         # stored activations only matter when windows reach into earlier blocks
-        self._overlapping = strategy == "stored" and (
-            schedule.k1 is not None and (schedule.k2 is None or schedule.k2 > schedule.k1)
-        )
+        self._overlapping = strategy == "stored" and reaches_earlier_blocks(schedule)
         if self._overlapping and checkpoint_segments is not None:
             raise ValueError(
                 f"checkpoint_segments={checkpoint_segments!r} recomputes activations, which {schedule} with "
                 "strategy='stored' keeps by definition; use strategy='recompute' to checkpoint its windows"
             )
+        # ARTBP's draws: seeded from torch's generator, so that torch.manual_seed reproduces a run
+        self.generator: Optional[torch.Generator] = generator
+        if generator is None and isinstance(schedule, ARTBP):
+            self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        self.plan = schedule.plan(None if self.generator is None else uniforms(self.generator))
+        self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums
+        """How a measurement's sums over this process's rows become sums over all rows (data-parallel
+        training sums them over the ranks)."""
         self.forward_steps = 0
         self.backward_steps = 0
+        self.measure_seconds = 0.0  # CPU seconds spent measuring (AdaptiveTBPTT)
+        self.measure_steps = 0  # steps run forward (and backward) to measure
         self.reset()
 
     # ------------------------------------------------------------------------------------------
     def reset(self, initial_state: st.State = None) -> None:
         """End the streams without an update: the next feed starts a fresh stream."""
+        self.plan.reset(getattr(self, "position", 0))
         self.position = 0  # steps received
         self.previous = 0  # P: where the open block starts
         self._states: dict[int, st.State] = {0: initial_state}
@@ -153,10 +185,13 @@ class StreamEngine:
         graph)."""
         self._own_received()
         snapshots, segments = describe(self._segments)
+        plan = {"plan": self.plan.state_dict(), "measure_steps": self.measure_steps}
+        if self.generator is not None:
+            plan["generator"] = self.generator.get_state()
         return StreamState(
             str(self.schedule), self.strategy, self.position, self.previous, dict(self._states),
             list(self._steps.parts), sorted(self._steps.resets_at), self._batch_size, self._state_shapes,
-            self.forward_steps, self.backward_steps, snapshots, segments, self._ending,
+            self.forward_steps, self.backward_steps, snapshots, segments, self._ending, plan,
         ).to_dict()
 
     def load_state_dict(self, saved: Any) -> None:
@@ -170,7 +205,8 @@ class StreamEngine:
                     f"the saved streams were run with {key} {getattr(streams, key)!r}, this engine uses "
                     f"{mine!r}; resume with the same {key}"
                 )
-        streams.check_resumable(self.schedule, self._overlapping,
+        plan = self._saved_plan(streams.plan)
+        streams.check_resumable(min(plan.reach(streams.previous), streams.previous), self._overlapping,
                                 {n: tuple(p.shape) for n, p in self.named_parameters()})
         self.reset()
         self.position, self.previous = streams.position, streams.previous
@@ -190,6 +226,33 @@ class StreamEngine:
             raise CheckpointError(f"checkpoint field engine.segments could not be run again: {exc}") from exc
         # rebuilding is not new work
         self.forward_steps, self.backward_steps = streams.forward_steps, streams.backward_steps
+        self.load_plan(streams.plan)
+
+    def _saved_plan(self, saved: dict) -> Plan:
+        """A plan holding the saved draws and choices, to check them before anything is changed."""
+        plan = self.schedule.plan(None if self.generator is None else uniforms(torch.Generator()))
+        try:
+            plan.load_state_dict(saved.get("plan", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint field engine.plan.plan does not hold {self.schedule}'s draws and "
+                                  f"choices ({type(exc).__name__}: {exc})") from None
+        if self.generator is not None:
+            if "generator" not in saved:
+                raise CheckpointError(f"checkpoint field engine.plan.generator is missing: {self.schedule} draws from it")
+            try:
+                torch.Generator().set_state(saved["generator"])
+            except (RuntimeError, TypeError) as exc:
+                raise CheckpointError(f"checkpoint field engine.plan.generator is not a generator's state: {exc}") from None
+        return plan
+
+    def load_plan(self, saved: dict) -> None:
+        """Continue the draws and choices saved with the streams (``state_dict()["plan"]``)."""
+        self.plan.load_state_dict(saved.get("plan", {}))
+        self.measure_steps = int(saved.get("measure_steps", 0))
+        if self.generator is not None:
+            if "generator" not in saved:
+                raise ValueError(f"the saved streams hold no random state for {self.schedule}'s draws")
+            self.generator.set_state(saved["generator"])
 
     # ------------------------------------------------------------------------------------------
     def feed(
@@ -245,7 +308,7 @@ class StreamEngine:
     @property
     def pending(self) -> bool:
         """Whether the steps received close updates that were not asked for yet."""
-        end = self.schedule.block_end(self.previous)
+        end = self.plan.block_end(self.previous)
         return self._ending or (end is not None and end <= self.position)
 
     def updates(self) -> "Updates":
@@ -255,7 +318,7 @@ class StreamEngine:
     def _close_ready(self) -> Iterator[UpdateResult]:
         try:
             while True:
-                end = self.schedule.block_end(self.previous)
+                end = self.plan.block_end(self.previous)
                 if end is None or end > self.position:
                     break
                 result = self._close_block(end)
@@ -343,7 +406,7 @@ class StreamEngine:
     # ------------------------------------------------------------------------------------------
     def _close_block(self, clipped: int) -> Optional[UpdateResult]:
         previous = self.previous
-        update = self.schedule.update(previous, stop=clipped)
+        update = self.plan.update(previous, stop=clipped)
         if update is None:
             # nothing left to inject (the stream ended before this block's window)
             return None
@@ -351,22 +414,27 @@ class StreamEngine:
             result = self._stored_block(update)
         else:
             result = self._recomputed_block(update)
+        result.k2 = self.plan.window_length(update)
+        if isinstance(self.plan, AdaptivePlan):
+            self._measure(self.plan, update)
+        self.plan.closed(update)
         self.previous = update.stop
-        next_end = self.schedule.block_end(update.stop)
-        reach = self.schedule.window_start(next_end) if next_end is not None else update.stop
-        self._forget_before(min(reach, update.stop))
+        self._forget_before(min(self.plan.reach(update.stop), update.stop))
         self.backward_steps += update.window
         return result
 
     def _recomputed_block(self, update: Update) -> UpdateResult:
         previous, start, stop = self.previous, update.start, update.stop
         first = min(start, previous)
-        saved = self.schedule.saved_state_position(previous)
         # no cut at P when the window starts before it: the state there is kept already (also when
         # a later window starts there), and every extra call costs a fused kernel's fixed overhead
-        if saved is not None and saved <= previous:
-            saved = None
-        cuts = self._cuts(first, stop, start, saved, *segment_cuts(self.checkpoint_segments, start, stop))
+        saved = [p for p in self.plan.starts_in(previous, stop) if p > previous]
+        # ARTBP: the gradient through the state at each step before the block is multiplied by 1/q,
+        # so those steps run apart from the block's
+        factor = 1 / self.schedule.q if isinstance(self.schedule, ARTBP) and self.schedule.q > 0 else None
+        if factor is not None:
+            saved.append(previous)
+        cuts = self._cuts(first, stop, start, *saved, *segment_cuts(self.checkpoint_segments, start, stop))
         state = self._states[first]
         window_outputs: list[torch.Tensor] = []
         for a, b in zip(cuts[:-1], cuts[1:]):
@@ -376,6 +444,9 @@ class StreamEngine:
                 # steps of a k1 > k2 block before its window only advance the state
                 with torch.no_grad():
                     _, state = self._call(x, state)
+            elif factor is not None and b <= previous:
+                out, state = run_compensated(self._call, x, state, factor)
+                window_outputs.append(out)
             elif self.checkpoint_segments is not None:
                 out, state = checkpointed_call(self._call, x, state)
                 window_outputs.append(out)
@@ -393,6 +464,29 @@ class StreamEngine:
         require_gradient(loss, outputs, len(named))
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
+
+    def _measure(self, plan: AdaptivePlan, update: Update) -> None:
+        """If the plan measures this update, measure the state gradient's decay (``lagscan.py``) at the
+        current weights and let the plan choose k2 from it."""
+        start = plan.measures(update)
+        if start is None:
+            return
+        started = time.process_time()
+        block, stop = update.loss_start, update.stop
+        errors = self._steps.slice(block, stop)
+
+        def run(a: int, b: int, state: st.State) -> tuple[torch.Tensor, st.State]:
+            return call_model(self.model, self._steps.slice(a, b).inputs, self._enter(a, state))
+
+        def block_loss(outputs: torch.Tensor) -> torch.Tensor:
+            losses = step_losses(self.loss_fn, outputs[:, block - start :], errors.targets, errors.mask)
+            return masked_sum(losses, errors.mask)[0]
+
+        curve = measured_curve(run, block_loss, lambda positions: self._cuts(start, stop, *positions), start, block,
+                               plan.schedule.stride, self._states[start], self._batch_size or 1, self.combine)
+        plan.observe(curve, update)
+        self.measure_steps += stop - start
+        self.measure_seconds += time.process_time() - started
 
     def _run_segment(
         self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor], replay: Optional[dict] = None
@@ -423,7 +517,7 @@ class StreamEngine:
         previous, stop = self.previous, update.stop
         named = self.named_parameters()
         weights = {n: p.detach().clone().requires_grad_(True) for n, p in named}
-        cuts = self._cuts(previous, stop, self.schedule.saved_state_position(previous))
+        cuts = self._cuts(previous, stop, *self.plan.starts_in(previous, stop))
         prior: st.State = self._segments[-1].out_state if self._segments else self._states[previous]
         for a, b in zip(cuts[:-1], cuts[1:]):
             segment = self._run_segment(a, b, prior, weights)
@@ -438,31 +532,3 @@ class StreamEngine:
             require_gradient(window[-1].step_losses, None, len(named))
         loss, count, grads = window_gradient(window, update.loss_start, [n for n, _ in named])
         return UpdateResult(update, loss.detach(), grads, count)
-
-
-def truncated_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    schedule: TBPTT,
-    state: st.State = None,
-    mask: Optional[torch.Tensor] = None,
-    resets: Optional[torch.Tensor] = None,
-    reset_fn: Optional[ResetFn] = None,
-    checkpoint_segments: Segments = None,
-) -> list[dict[str, torch.Tensor]]:
-    """The gradient of every update of ``schedule`` on one stream, all at the model's current weights.
-
-    Returns one ``{parameter_name: gradient}`` per update of ``schedule.updates(T)``, in order
-    (zeros for a parameter the update's loss does not reach). Neither the weights nor their
-    ``.grad`` are changed. ``state`` is the state entering step 0 (None: the model's own start);
-    ``mask``/``resets`` as in ``StreamEngine.feed``; ``checkpoint_segments`` trades memory for time.
-    """
-    engine = StreamEngine(model, loss_fn, schedule, "recompute", reset_fn, checkpoint_segments)
-    engine.reset(initial_state=state)
-    params = dict(engine.named_parameters())
-    out = []
-    for result in engine.feed(inputs, targets, mask, end_of_stream=True, resets=resets):
-        out.append({n: torch.zeros_like(params[n]) if g is None else g for n, g in result.grads.items()})
-    return out

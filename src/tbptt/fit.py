@@ -221,6 +221,9 @@ def epoch_summary(trainer: FitTrainer, epoch: int, stats: UpdateStats) -> dict[s
         "skipped": stats.skipped,
         "grad_norm_median": stats.grad_norm_median,
         "grad_norm_max": stats.norm_max,
+        # the window the updates were given: k2, ARTBP's L drawn, AdaptiveTBPTT's k2 in force (None: n)
+        "k2_mean": stats.k2_mean,
+        "k2_last": stats.k2_last,
         "forward_steps": trainer.engine.forward_steps,
         "backward_steps": trainer.engine.backward_steps,
         "lr": trainer.optimizer.param_groups[0]["lr"],

@@ -18,6 +18,7 @@ import torch
 
 from .checkpointing import segment_cuts
 from .contract import call_model
+from .schedules import longest_window as schedule_window
 
 PROBE_STEPS = 16
 """Steps run to measure the graph's bytes per step."""
@@ -101,7 +102,7 @@ def graph_bytes_per_step(model: torch.nn.Module, inputs: torch.Tensor) -> float:
 def longest_window(engine: Any, stream_steps: int) -> int:
     """Steps whose activations the engine holds at once at most, on streams of ``stream_steps``
     steps (a checkpointed window holds one segment's)."""
-    k2 = engine.schedule.k2
+    k2 = schedule_window(engine.schedule)
     window = stream_steps if k2 is None else min(k2, stream_steps)
     if engine.checkpoint_segments is not None:
         cuts = [0, *segment_cuts(engine.checkpoint_segments, 0, window), window]
@@ -123,7 +124,7 @@ def check_graph_memory(engine: Any, inputs: torch.Tensor, stream_steps: int, lim
     if need <= room:
         return
     advice = ["shorter streams (cut the data into more, shorter rows)"]
-    if engine.schedule.k2 is None or engine.schedule.k2 > PROBE_STEPS:
+    if schedule_window(engine.schedule) is None or schedule_window(engine.schedule) > PROBE_STEPS:
         advice.insert(0, "a shorter window k2")
     if not engine.overlapping and engine.checkpoint_segments is None:
         cuts = [0, *segment_cuts("sqrt", 0, window), window]

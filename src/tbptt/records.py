@@ -22,7 +22,9 @@ from .saved import CheckpointError, Fields, bad, integer
 class UpdateRecord:
     """What one update did: its window ``[start, stop)`` and errors ``[loss_start, stop)`` (stream
     positions; ``stop`` is where the update fell), its loss, the gradient norm (before clipping),
-    wall time in seconds, and whether it was skipped and why."""
+    wall time in seconds, whether it was skipped and why, and the window it was given: ``k2`` is
+    TBPTT's k2 (None for n), ARTBP's L drawn (``k1 + J``, J clipped at the stream's start) or
+    AdaptiveTBPTT's k2 in force."""
 
     start: int
     loss_start: int
@@ -32,6 +34,7 @@ class UpdateRecord:
     wall_time: float
     skipped: bool = False
     reason: str = ""
+    k2: Optional[int] = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,10 +68,15 @@ class UpdateStats:
     wall_time: float = 0.0
     norm_max: float = math.nan
     norm_bins: dict[int, int] = field(default_factory=dict)
+    k2_sum: int = 0  # over the updates given a window of k2 steps (not n): their windows, summed
+    k2_count: int = 0
+    k2_last: Optional[int] = None
 
     def add(self, record: UpdateRecord) -> None:
         self.updates += 1
         self.wall_time += record.wall_time
+        if record.k2 is not None:
+            self.k2_sum, self.k2_count, self.k2_last = self.k2_sum + record.k2, self.k2_count + 1, record.k2
         if record.skipped:
             self.skipped += 1
             self.nonfinite += "non-finite" in record.reason
@@ -85,6 +93,11 @@ class UpdateStats:
     @property
     def applied(self) -> int:
         return self.updates - self.skipped
+
+    @property
+    def k2_mean(self) -> Optional[float]:
+        """The mean window the updates were given (``UpdateRecord.k2``); None if every one was n."""
+        return self.k2_sum / self.k2_count if self.k2_count else None
 
     @property
     def train_loss(self) -> float:
@@ -123,8 +136,11 @@ class UpdateStats:
         norm_max = f.raw("norm_max")
         if isinstance(norm_max, bool) or not isinstance(norm_max, float):
             raise bad(f.path("norm_max"), "a float", norm_max)
+        # the windows' summary is absent from checkpoints written before schedules varied it
+        windows = (f.int("k2_sum"), f.int("k2_count", high=updates), f.int("k2_last", low=1, none=True)) \
+            if "k2_count" in f.saved else (0, 0, None)
         return cls(updates, skipped, f.int("nonfinite", high=skipped), f.number("loss_sum"),
-                   f.number("wall_time", low=0.0), norm_max, bins)
+                   f.number("wall_time", low=0.0), norm_max, bins, *windows)
 
 
 _NOT_KEPT = (
@@ -167,6 +183,11 @@ class History:
     def close_epoch(self) -> None:
         """Start the next epoch's summary."""
         self.epoch_stats = UpdateStats()
+
+    def k2(self) -> list[Optional[int]]:
+        """The window each update was given, in order (``UpdateRecord.k2``): k2 over training, when
+        the records are kept (each epoch's row has its mean, ``k2_mean``, and its last, ``k2_last``)."""
+        return [r.k2 for r in self.updates]
 
     def write(self, path: PathLike) -> Path:
         """Write the epochs as JSON lines (``.jsonl``) or CSV (``.csv``), atomically."""
@@ -228,4 +249,4 @@ def _record(saved: Any, where: str) -> UpdateRecord:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(f.path(name), "a number", value)
     return UpdateRecord(start, loss_start, stop, float(loss), float(norm), f.number("wall_time", low=0.0),
-                        f.bool("skipped"), f.str("reason"))
+                        f.bool("skipped"), f.str("reason"), f.int("k2", low=1, none=True) if "k2" in f.saved else None)

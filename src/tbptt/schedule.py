@@ -11,7 +11,7 @@ References: Williams & Peng (1990), BPTT(h; h'); Sutskever (2013), TBPTT(k1, k2)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Protocol
 
 from .validate import non_negative_int, one_of, positive_int
 
@@ -170,17 +170,95 @@ class TBPTT:
 
     def cost(self, n: int) -> dict[str, int]:
         """Steps a stream of ``n`` steps costs under each strategy (forward, backward, memory)."""
-        ups = self.updates(n)
-        backward = sum(u.window for u in ups)
-        forward_recompute = 0
-        previous = 0
-        for u in ups:
-            forward_recompute += u.stop - min(u.start, previous)
-            previous = u.stop
-        return {
-            "updates": len(ups),
-            "forward_stored": n,
-            "forward_recompute": forward_recompute,
-            "backward": backward,
-            "max_window": max((u.window for u in ups), default=0),
-        }
+        return updates_cost(self.updates(n), n)
+
+    def plan(self, uniform: Optional[Callable[[], float]] = None) -> "FixedPlan":
+        """The schedule as the engine follows it (no draws, no decisions: index arithmetic)."""
+        return FixedPlan(self)
+
+
+def updates_cost(updates: list[Update], n: int) -> dict[str, int]:
+    """Steps a stream of ``n`` steps with these ``updates`` costs: updates, forward steps under each
+    strategy (``stored``: each step once; ``recompute``: each window once, the new steps inside
+    it), backward steps, and the longest window (the activations held at once)."""
+    forward_recompute = 0
+    previous = 0
+    for u in updates:
+        forward_recompute += u.stop - min(u.start, previous)
+        previous = u.stop
+    return {
+        "updates": len(updates),
+        "forward_stored": n,
+        "forward_recompute": forward_recompute,
+        "backward": sum(u.window for u in updates),
+        "max_window": max((u.window for u in updates), default=0),
+    }
+
+
+class Plan(Protocol):
+    """A schedule as the engine follows it, block by block, with what its draws or decisions so far
+    fix. The engine asks, for the block starting at ``previous`` (the last update's position):"""
+
+    def block_end(self, previous: int) -> Optional[int]:
+        """Where the block's update falls (None: only at the end of the stream)."""
+
+    def update(self, previous: int, stop: Optional[int] = None) -> Optional[Update]:
+        """The update closing the block (``stop``: the stream ends there, inside the block)."""
+
+    def starts_in(self, previous: int, end: int) -> list[int]:
+        """Positions strictly inside ``(previous, end)`` where a later window begins: the state there
+        must be kept when the block runs."""
+
+    def reach(self, previous: int) -> int:
+        """The first step a later window can need, once the block before ``previous`` closed."""
+
+    def window_length(self, update: Update) -> Optional[int]:
+        """The window the update was given (k2 in force, or the L drawn; None for n)."""
+
+    def closed(self, update: Update) -> None:
+        """The update was made."""
+
+    def reset(self, ended_at: int = 0) -> None:
+        """The streams ended after ``ended_at`` steps; the next block starts a new stream at 0."""
+
+    def state_dict(self) -> dict:
+        """What the draws and decisions so far are, as plain data."""
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue from ``state_dict``."""
+
+
+class FixedPlan:
+    """TBPTT(k1, k2)'s plan: nothing to draw or decide, every answer is index arithmetic."""
+
+    def __init__(self, schedule: TBPTT) -> None:
+        self.schedule = schedule
+
+    def block_end(self, previous: int) -> Optional[int]:
+        return self.schedule.block_end(previous)
+
+    def update(self, previous: int, stop: Optional[int] = None) -> Optional[Update]:
+        return self.schedule.update(previous, stop)
+
+    def starts_in(self, previous: int, end: int) -> list[int]:
+        p = self.schedule.saved_state_position(previous)
+        return [p] if p is not None and previous < p < end else []
+
+    def reach(self, previous: int) -> int:
+        end = self.schedule.block_end(previous)
+        return previous if end is None else min(previous, self.schedule.window_start(end))
+
+    def window_length(self, update: Update) -> Optional[int]:
+        return self.schedule.k2
+
+    def closed(self, update: Update) -> None:
+        pass
+
+    def reset(self, ended_at: int = 0) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, saved: dict) -> None:
+        pass

@@ -6,7 +6,7 @@ Every helper maps over the tensor leaves of a state (``torch.utils._pytree``), s
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -83,3 +83,15 @@ def reset_rows(state: State, rows: torch.Tensor) -> State:
         return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     return map_tensors(leaf, state)
+
+
+def row_norms_squared(grads: Sequence[Optional[torch.Tensor]], leaves: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
+    """Per-row squared norm (float64, on the CPU) of a gradient with respect to a state, given as
+    one gradient per tensor leaf (None: zero), the leaves taken together."""
+    total = torch.zeros(batch, dtype=torch.float64)
+    for g, leaf in zip(grads, leaves):
+        if g is None:
+            continue
+        dim = batch_dim(leaf, batch)
+        total += g.detach().movedim(dim, 0).reshape(batch, -1).double().pow(2).sum(dim=1).cpu()
+    return total

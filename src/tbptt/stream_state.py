@@ -2,7 +2,9 @@
 
 A ``StreamState`` holds the stream position, the carried states the open block and later windows
 need, the open block's buffered steps, and, for the ``stored`` strategy, what rebuilds the kept
-activations (weight snapshots and, per segment, its steps, entering state and random state). Every
+activations (weight snapshots and, per segment, its steps, entering state and random state), and
+the schedule's plan: ARTBP's window starts drawn so far and its generator's state, AdaptiveTBPTT's
+choices of k2 and measurements (the same on every rank of a data-parallel job). Every
 row-indexed tensor in it can be sliced by rows (``take_rows``) and the rows of several shares put
 together (``cat_rows``): data-parallel training saves one state of all rows from the ranks' shares
 and hands each rank its rows back on resume. On disk it is plain data (``to_dict``), so that safe
@@ -54,6 +56,7 @@ class StreamState:
     snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
     segments: list[SegmentEntry] = field(default_factory=list)
     ending: bool = False  # the streams end after the steps received (their last updates not made yet)
+    plan: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +77,7 @@ class StreamState:
             "segments": [{"start": s.start, "stop": s.stop, "in_state": s.in_state, "weights": s.weights,
                           "random": s.random} for s in self.segments],
             "ending": self.ending,
+            "plan": dict(self.plan),
         }
 
     @classmethod
@@ -109,16 +113,17 @@ class StreamState:
             segments=_read_segments(f, len(snapshots), previous, chunks),
             # checkpoints written before streams could end with updates pending were never ending
             ending=f.bool("ending") if "ending" in saved else False,
+            plan=_read_plan(f),
         )
         return streams
 
-    def check_resumable(self, schedule: Any, overlapping: bool, parameters: dict[str, tuple[int, ...]]) -> None:
-        """Raise a ``CheckpointError`` unless these streams hold what the next update of ``schedule``
-        needs: its entering state and steps (or, when activations are kept across updates, a kept
-        segment where its window starts), states of the saved shapes, and weight snapshots of the
-        ``parameters`` (names and shapes) of the model."""
-        k1, previous = schedule.k1, self.previous
-        first = previous if k1 is None else min(schedule.window_start(previous + k1), previous)
+    def check_resumable(self, first: int, overlapping: bool, parameters: dict[str, tuple[int, ...]]) -> None:
+        """Raise a ``CheckpointError`` unless these streams hold what the next updates need from step
+        ``first`` on (the schedule's plan says where their windows start): the entering state and
+        steps there (or, when activations are kept across updates, a kept segment starting there),
+        states of the saved shapes, and weight snapshots of the ``parameters`` (names and shapes) of
+        the model."""
+        previous = self.previous
         if overlapping:
             if first < previous and first not in {seg.start for seg in self.segments}:
                 raise CheckpointError(f"checkpoint field engine.segments has no segment starting at step {first}, "
@@ -330,6 +335,22 @@ def _read_chunks(f: Fields, position: int, previous: int, batch_size: Optional[i
                               f"[{previous}, {position}) and end at {position}; they cover "
                               f"{[chunks[0].start, end] if chunks else 'nothing'}")
     return chunks
+
+
+def _read_plan(f: Fields) -> dict[str, Any]:
+    """The schedule's plan (ARTBP's draws, AdaptiveTBPTT's choices): a dict whose generator state, if
+    any, is a uint8 tensor; absent (``{}``) in checkpoints written before schedules had one. What the
+    plan itself holds is checked when the schedule's plan loads it."""
+    if "plan" not in f.saved:
+        return {}
+    plan = Fields(f.dict("plan"), f.path("plan"))
+    if "generator" in plan.saved:
+        plan.tensor("generator", torch.uint8)
+    if "measure_steps" in plan.saved:
+        plan.int("measure_steps")
+    if "plan" in plan.saved:
+        plan.dict("plan")
+    return dict(plan.saved)
 
 
 def _read_segments(f: Fields, snapshots: int, previous: int, chunks: list[Steps]) -> list[SegmentEntry]:

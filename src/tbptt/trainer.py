@@ -36,7 +36,7 @@ from .safestep import (
     total_norm as total_norm,
 )
 from .saved import Fields
-from .schedule import TBPTT
+from .schedules import Schedule
 from .validate import one_of, positive_int, positive_number
 
 NonFinite = Literal["skip", "raise"]
@@ -44,7 +44,9 @@ _CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs th
 
 
 class Trainer:
-    """Trains ``model`` with TBPTT(k1, k2) on streams fed in consecutive calls.
+    """Trains ``model`` with TBPTT(k1, k2) on streams fed in consecutive calls (or with
+    ``ARTBP(k1, mean_k2)``, random windows compensated to be unbiased, or ``AdaptiveTBPTT(k1, ...)``,
+    k2 chosen from the measured gradient decay; see ``docs/SEMANTICS.md``).
 
     - ``model(inputs[B, T, ...], state) -> (outputs[B, T, ...], new_state)``, state None at a
       stream's start; any nesting of tensors as state.
@@ -72,7 +74,7 @@ class Trainer:
         model: nn.Module,
         loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
-        schedule: TBPTT,
+        schedule: Schedule,
         strategy: Strategy = "recompute",
         clip_grad_norm: Optional[float] = None,
         nonfinite: NonFinite = "skip",
@@ -103,7 +105,7 @@ class Trainer:
         sets it: its callbacks and per-update schedulers act between updates, not after a call)."""
 
     @property
-    def schedule(self) -> TBPTT:
+    def schedule(self) -> Schedule:
         return self.engine.schedule
 
     @property
@@ -339,7 +341,8 @@ def apply_update(
     reason = _refusal(loss_value, norm_value, valid, finite == 1.0 or all_finite(params), overflow)
     u = result.update
     if not reason:
-        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started)
+        return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
+                            k2=result.k2)
     undo.restore()
     if nonfinite == "raise" and reason != "no valid steps":
         raise NonFiniteError(
@@ -347,7 +350,7 @@ def apply_update(
             f"norm {norm_value}; the step was undone: the weights and the optimizer's state are as before it"
         )
     return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
-                        True, reason)
+                        True, reason, result.k2)
 
 
 def _step(optimizer: Any, undo: StepUndo, named: list[tuple[str, nn.Parameter]], grads: dict,

@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--config", action="append", required=True, metavar="K1,K2[@KEY=VALUE,...]",
                    help="a configuration, e.g. n,n or 10,40 or 20,20@lr=0.1 or 10,40@model=lru (keys lr, clip, "
-                   "strategy, model); repeatable")
+                   "strategy, model), artbp:10,30 (random windows, unbiased) or adaptive:10@tolerance=0.05 (k2 "
+                   "chosen from the measured gradient decay; keys tolerance, min_k2, max_k2, every); repeatable")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="also stop each run after this many wall-clock seconds (checked between updates)")
     p.add_argument("--target", type=float, default=None,

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from ..budget import Budget
 from ..experiments.page import write_index
+from ..experiments.runs import Configuration
 from ..experiments.sweep import compare
 from ..files import check_writable
 from ..validate import positive_int
@@ -77,6 +78,9 @@ def register(subparsers) -> None:
                    help="what each run may spend, for both tasks: epochs:N, cpu:SECONDS or backward:STEPS "
                    f"(default: {', '.join(f'{part.budget} for {part.task}' for part in PARTS)})")
     p.add_argument("--quick", action="store_true", help="a tiny run that checks the demo works (seconds)")
+    p.add_argument("--config", action="append", default=[], metavar="CONFIG",
+                   help="also run this configuration on each task, e.g. artbp:10,30 or adaptive:4@tolerance=0.05 "
+                   "(repeatable)")
     p.set_defaults(func=run, parser=p)
 
 
@@ -102,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             positive_int(args.jobs, "--jobs", "worker processes")
         if args.budget is not None:
             args.budget = str(Budget.parse(args.budget, "--budget"))
+        for text in args.config:
+            Configuration.parse(text)
         check_writable(args.out, "--out", folder=True)
     except ValueError as exc:
         print_error(exc, args.parser)
@@ -112,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     done: list[tuple[DemoPart, Any]] = []
     for part in QUICK if args.quick else PARTS:
         heading(console, f"{part.task}: {part.note}" if part.note else part.task)
-        comparison = compare(part.task, list(part.configs), args.seeds, budget=_part_budget(part, args.budget),
+        comparison = compare(part.task, list(part.configs) + list(args.config), args.seeds,
+                             budget=_part_budget(part, args.budget),
                              task_options=part.task_options, jobs=args.jobs, out=out / part.task, console=console)
         print_comparison(console, comparison)
         if comparison.report is not None:

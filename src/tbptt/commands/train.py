@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     add_budget_option(p)
     p.add_argument("--config", required=True, metavar="K1,K2[@KEY=VALUE,...]",
                    help="the schedule: K1 steps between updates, K2 steps backpropagated (n: whole stream), e.g. "
-                   "10,40 or 20,20@lr=0.1 (keys lr, clip, strategy)")
+                   "10,40 or 20,20@lr=0.1 (keys lr, clip, strategy); or artbp:K1,MEAN_K2 (random windows, unbiased), "
+                   "or adaptive:K1[@tolerance=0.1,max_k2=200,every=100] (k2 chosen from the measured gradient decay)")
     p.add_argument("--checkpoint", metavar="PATH", help="save the run here at the end of each epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N updates")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint, if any")

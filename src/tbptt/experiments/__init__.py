@@ -2,6 +2,7 @@
 
 from .answer import Answer, recommend
 from .front import pareto_front
+from .plots import plot_history_k2
 from .runs import Configuration, RunSpec, run_one
 from .summary import summarize
 from .sweep import Comparison, compare
@@ -20,4 +21,5 @@ __all__ = [
     "schedule_grid",
     "render_timeline",
     "plot_schedule",
+    "plot_history_k2",
 ]

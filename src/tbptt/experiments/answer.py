@@ -156,16 +156,33 @@ def probed_k2(row: Row, runs: Sequence[Run]) -> Optional[int]:
         return None
 
 
+def reaches(row: Row, d: int) -> bool:
+    """Whether a configuration's windows reach ``d`` steps back: k2 > d (or n); ARTBP's random windows
+    reach every lag (with a probability that the compensation makes up for)."""
+    return row.get("windows") == "random" or row.get("k2") is None or row["k2"] > d
+
+
 def _why_k2(choice: Row, rows: Sequence[Row], runs: Sequence[Run], meta: dict, name) -> str:
+    text = _why_window(choice, rows, runs, meta, name)
+    if choice.get("windows") == "adaptive":  # its k2 is the mean of those it chose, not one fixed
+        return f"AdaptiveTBPTT chose k2 as it trained, {choice.get('mean_k2', math.nan):.1f} on average: " + text
+    return text
+
+
+def _why_window(choice: Row, rows: Sequence[Row], runs: Sequence[Run], meta: dict, name) -> str:
     k1, k2, d = choice.get("k1"), choice.get("k2"), meta.get("dependency")
     if d is not None:
-        short = [r for r in rows if r.get("k2") is not None and r["k2"] <= d]
+        short = [r for r in rows if not reaches(r, d)]
         best_short = max(short, key=lambda r: r["final_metric"], default=None) if meta.get("higher_is_better") else \
             min(short, key=lambda r: r["final_metric"], default=None)
         tail = ""
         if best_short is not None and best_short is not choice:
             tail = (f" The windows with k2 <= {d} ({', '.join(name(r) for r in short)}) cannot carry an error that far "
                     f"back; the best of them reached {best_short['final_metric']:.3g}.")
+        if choice.get("windows") == "random":
+            return (f"windows of random length, {choice.get('mean_k2', math.nan):.1f} steps on average, reach every "
+                    f"lag, d = {d} included, with a probability the compensation makes up for: each update is an "
+                    f"unbiased estimate of TBPTT({_n(k1)}, n)'s gradient.{tail}")
         if k2 is None:
             return (f"k2 = n: every error flows back to the stream's start, so it reaches the input the target "
                     f"depends on, d = {d} steps back (known for this task).{tail}")
@@ -267,7 +284,7 @@ def dependency_lines(rows: Sequence[Row], meta: dict, strategies: int = 1) -> li
     for spans, what in ((True, f"k2 > d = {d}, a window reaches the input"), (False, f"k2 <= d = {d}, no window does")):
         items = []
         for row in finished:
-            if (row.get("k2") is None or row["k2"] > d) != spans:
+            if reaches(row, d) != spans:
                 continue
             if row in learnt:
                 verdict = "learnt" if spans else "learnt, though k2 <= d"

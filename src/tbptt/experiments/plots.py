@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -178,6 +178,55 @@ def plot_front(runs: Sequence[Run], meta: dict, path: Path) -> Path:
     return _finish(fig, ax, path)
 
 
+def varying_k2(runs: Sequence[Run]) -> list[Run]:
+    """The runs whose updates were given different windows (ARTBP, AdaptiveTBPTT)."""
+    return [r for r in runs if len({k for k in (r.get("update_k2") or []) if k is not None}) > 1]
+
+
+def plot_k2(runs: Sequence[Run], meta: dict, path: Path, smooth: int = 25) -> Path:
+    """The window each update was given, over training (k2 in force for AdaptiveTBPTT; ARTBP's L
+    drawn as a running mean over ``smooth`` recorded updates, its draws as dots), one line per
+    configuration (the median over the seeds)."""
+    fig, ax = _figure()
+    groups = group_runs(varying_k2(runs) or list(runs))
+    strategies = len({s for _, s in groups})
+    for colour, ((config, strategy), group) in zip(_colours(len(groups)), groups.items()):
+        length = min(len(r["update_k2"]) for r in group)
+        index = np.asarray(group[0].get("update_index") or np.arange(1, length + 1), dtype=float)[:length]
+        k2 = np.nanmedian(np.stack([_nan(r["update_k2"][:length]) for r in group]), axis=0)
+        name = label({"config": config, "strategy": strategy}, strategies)
+        if config.startswith("ARTBP("):
+            ax.plot(index, k2, ".", color=colour, markersize=2, alpha=0.3)
+            kernel = np.ones(min(smooth, len(k2))) / min(smooth, len(k2))
+            ax.plot(index[len(kernel) - 1:], np.convolve(k2, kernel, mode="valid"), color=colour,
+                    label=f"{name} (L drawn, mean of {len(kernel)})")
+        else:
+            ax.step(index, k2, where="post", color=colour, label=name)
+    dependency = meta.get("dependency")
+    if dependency:  # a window must reach this far back for the task's signal (echo: the delay d)
+        ax.axhline(dependency, color="black", linestyle="--", linewidth=1, label=f"task's dependency = {dependency}")
+    ax.set_xlabel("update")
+    ax.set_ylabel("window (k2 in force, or L drawn)")
+    ax.set_title(f"{meta.get('task', '')}: the window of each update over training", fontsize=10)
+    return _finish(fig, ax, path)
+
+
+def plot_history_k2(history: Any, path: Path, name: str = "", task: str = "") -> Path:
+    """``plot_k2`` for one ``History`` (``Trainer.fit``'s): the window of each update over training
+    when its records were kept (``keep_updates=True``), else each epoch's mean window (``k2_mean``)."""
+    if history.records is None:
+        fig, ax = _figure()
+        ax.plot([e["epoch"] for e in history.epochs], _nan(e.get("k2_mean") for e in history.epochs), "o-",
+                label=name or "run")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean window of the epoch's updates")
+        ax.set_title(f"{task}: the window of the updates over training", fontsize=10)
+        return _finish(fig, ax, path)
+    k2 = history.k2()
+    run = {"config": name or "run", "strategy": "", "update_k2": k2, "update_index": list(range(1, len(k2) + 1))}
+    return plot_k2([run], {"task": task}, path)
+
+
 FIGURES = {
     "front.png": "Skill against CPU time. Each line is a configuration's validation metric, averaged over seeds, "
     "at the end of each epoch (and where its budget stopped it), against the CPU seconds of training spent by then "
@@ -192,21 +241,26 @@ FIGURES = {
     "median over seeds; band: lowest to highest seed; dashed: the clipping threshold. A rising curve or spikes "
     "mean instability; norms far below the threshold, a gradient that vanishes.",
 }
+K2_FIGURE = ("k2.png", "The window each update was given, over training: the k2 in force for AdaptiveTBPTT (a step "
+             "line), ARTBP's L drawn (dots, and their running mean), the median over seeds; dashed: the task's "
+             "dependency length, where known. Drawn when a schedule varied its windows.")
 
 
 def write_plots(out: Path, runs: Sequence[Run], rows: Sequence[Row], meta: dict) -> list[tuple[str, Optional[Path]]]:
-    """All four PNGs in ``out`` (``FIGURES`` names them and says what each shows); (caption, path)
-    pairs for the report. A figure that cannot be drawn does not stop the others: its pair is
-    (caption saying why, None)."""
+    """All four PNGs in ``out`` (``FIGURES`` names them and says what each shows; a fifth, ``K2_FIGURE``,
+    when a schedule varied its windows); (caption, path) pairs for the report. A figure that cannot
+    be drawn does not stop the others: its pair is (caption saying why, None)."""
     out.mkdir(parents=True, exist_ok=True)
     draw = {
         "front.png": lambda p: plot_front(runs, meta, p),
         "curves.png": lambda p: plot_curves(runs, meta, p),
         "curves_backward.png": lambda p: plot_curves(runs, meta, p, by="backward_steps"),
         "grad_norms.png": lambda p: plot_grad_norms(runs, meta, p),
+        K2_FIGURE[0]: lambda p: plot_k2(runs, meta, p),
     }
+    figures = {**FIGURES, **(dict([K2_FIGURE]) if varying_k2(runs) else {})}
     images: list[tuple[str, Optional[Path]]] = []
-    for name, caption in FIGURES.items():
+    for name, caption in figures.items():
         try:
             images.append((caption, draw[name](out / name)))
         except Exception as exc:  # one broken figure must not cost the report

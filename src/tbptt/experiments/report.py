@@ -38,6 +38,7 @@ SPEED = [
     ("updates", "updates", "int"),
     ("fwd steps", "forward_steps", "int"),
     ("bwd steps", "backward_steps", "int"),
+    ("mean k2", "mean_k2", "g3"),
     ("graph MB", "peak_graph_mb", "mb"),
 ]
 GROUPS = {"skill": SKILL, "stability": STABILITY, "speed": SPEED}
@@ -58,6 +59,8 @@ NOTES = {
     "log loss| beyond its net change (0 for a curve that only falls); mean over seeds. Measured on "
     "validation, which every configuration computes alike (training losses per update are not comparable: "
     "one step's error for TBPTT(1,n), a stream's mean for TBPTT(n,n))",
+    "mean_k2": "the mean window of the updates: k2 for TBPTT (blank for n), the mean L drawn for ARTBP, the "
+    "mean k2 in force for AdaptiveTBPTT (whose measurements' CPU seconds are in results.csv, measure_time)",
     "train_cpu": "CPU seconds spent training (forward, backward, optimizer; validation not counted): what a "
     "CPU budget counts; mean over seeds",
     "cpu_time": "CPU seconds of the whole run, validation included (one thread: steadier than wall time on a "

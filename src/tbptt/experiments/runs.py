@@ -20,7 +20,7 @@ from ..data import load_task
 from ..diagnostics import grad_norm_summary, gradient_vs_lag, roughness
 from ..engine import STRATEGIES
 from ..models import MODELS, model_spec
-from ..schedule import TBPTT
+from ..schedules import SCHEDULE_OPTIONS, Schedule, nominal_k2, parse_schedule, window_kind
 from ..trainer import Trainer
 from ..validate import (
     InvalidArgument,
@@ -39,18 +39,22 @@ MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 """The built-in models a run may name (``"path/to/file.py:factory"`` names a user's own)."""
 
 _OVERRIDES = {"lr": float, "clip": float, "strategy": str, "model": str}
-CONFIG_FORM = ("K1,K2[@key=value,...] with K1 and K2 positive ints or n (the whole stream) and keys lr, clip, "
-               "strategy, model, e.g. 10,40 or n,n or 20,20@lr=0.1 or 10,40@model=lru")
+CONFIG_FORM = ("K1,K2[@key=value,...] with K1 and K2 positive ints or n (the whole stream), or artbp:K1,MEAN_K2 or "
+               "adaptive:K1, and keys lr, clip, strategy, model (and, for adaptive:K1, tolerance, min_k2, max_k2, "
+               "every), e.g. 10,40 or n,n or 20,20@lr=0.1 or 10,40@model=lru or artbp:10,30 or "
+               "adaptive:10@tolerance=0.05")
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
 class Configuration:
-    """A schedule with optional per-configuration overrides, written ``"K1,K2[@key=value,...]"``
-    (keys: lr, clip, strategy, model), e.g. ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``,
-    ``"5,20@strategy=stored"``, ``"10,40@model=lru"``, ``"5,5@model=my_model.py:factory"``."""
+    """A schedule with optional per-configuration overrides, written ``"SCHEDULE[@key=value,...]"``
+    (keys: lr, clip, strategy, model; and, for an adaptive schedule, tolerance, min_k2, max_k2,
+    every), e.g. ``"10,40"``, ``"n,n"``, ``"20,20@lr=1e3"``, ``"5,20@strategy=stored"``,
+    ``"10,40@model=lru"``, ``"5,5@model=my_model.py:factory"``, ``"artbp:10,30"``,
+    ``"adaptive:10@tolerance=0.05"`` (the schedule as ``tbptt.parse_schedule`` reads it)."""
 
-    schedule: TBPTT
+    schedule: Schedule
     lr: Optional[float] = None
     clip: Optional[float] = None
     strategy: Optional[str] = None
@@ -66,28 +70,33 @@ class Configuration:
 
     @classmethod
     def parse(cls, text: str) -> "Configuration":
-        """Read ``"K1,K2[@key=value,...]"``; an ``InvalidArgument`` named ``config`` if it is not one.
+        """Read ``"SCHEDULE[@key=value,...]"``; an ``InvalidArgument`` named ``config`` if it is not one.
 
-        The one place a configuration's text is read (``compare``, ``tbptt train``, ``probe``)."""
+        The one place a configuration's text is read (``compare``, ``tbptt train``, ``probe``, ``demo``);
+        the schedule itself through ``tbptt.parse_schedule``."""
         if not isinstance(text, str):
             raise InvalidArgumentType("config", text, CONFIG_FORM)
         body, _, extra = text.partition("@")
-        try:
-            schedule = TBPTT.parse(body)
-        except InvalidArgument as exc:  # the form is right, a value is not (k1 = 0)
-            raise InvalidArgument("config", text, CONFIG_FORM, str(exc)) from None
-        except ValueError:
-            raise InvalidArgument("config", text, CONFIG_FORM) from None
         options: dict[str, Any] = {}
+        scheduling: dict[str, str] = {}
         for item in filter(None, (p.strip() for p in extra.split(","))):
             key, sep, value = item.partition("=")
+            if sep and key in SCHEDULE_OPTIONS:
+                scheduling[key] = value
+                continue
             if not sep or key not in _OVERRIDES:
                 raise InvalidArgument("config", text, CONFIG_FORM,
-                                      f"bad override {item!r}: keys are {', '.join(sorted(_OVERRIDES))}")
+                                      f"bad override {item!r}: keys are {', '.join(sorted(_OVERRIDES))} (and, for "
+                                      f"adaptive:K1, {', '.join(SCHEDULE_OPTIONS)})")
             try:
                 options[key] = _OVERRIDES[key](value)
             except ValueError:
                 raise InvalidArgument("config", text, CONFIG_FORM, f"bad value for {key}: {value!r}") from None
+        try:
+            schedule = parse_schedule(body, scheduling)
+        except ValueError as exc:  # InvalidArgument too: a value that is not right (k1 = 0) says which
+            generic = str(exc).startswith("expected a configuration like")
+            raise InvalidArgument("config", text, CONFIG_FORM, "" if generic else str(exc)) from None
         try:
             return cls(schedule, **options)
         except InvalidArgument as error:  # say where: a flag of the same name may hold another value
@@ -266,7 +275,7 @@ def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> di
     schedule = settings["schedule"]
     return {
         "task": spec.task, "config": str(spec.configuration), "strategy": settings["strategy"],
-        "k1": schedule.k1, "k2": schedule.k2, "model": settings["model"],
+        "k1": schedule.k1, "k2": nominal_k2(schedule), "windows": window_kind(schedule), "model": settings["model"],
         "seed": spec.seed, "index": spec.index, "lr": settings["lr"], "clip": settings["clip"],
         "budget": spec.budget or f"epochs:{spec.epochs}", "status": "failed", "error": error,
         "wall_time": math.nan if started is None else time.perf_counter() - started,
@@ -365,7 +374,11 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
     last = epochs[-1] if epochs else {}
     diverged = history.diverged or (bool(epochs) and not math.isfinite(last.get("valid_loss", math.nan)))
     kept_norms, index = _thin(norms, KEEP_UPDATES)
+    k2s = [r.k2 for r in history.updates]
+    windows = {} if len({k for k in k2s if k is not None}) <= 1 else {"k2": round(_mean_window(k2s))}
     return dict(
+        # a schedule that varied its windows (ARTBP, AdaptiveTBPTT) is named by their mean once trained
+        **windows,
         status="diverged" if diverged else "ok",
         metric_name=task.metric_name, higher_is_better=task.higher_is_better, baseline=task.baseline["valid"],
         epochs=epochs,
@@ -392,9 +405,21 @@ def _outcome(task: Any, run: _Trained, started: float) -> dict[str, Any]:
         grad_norms=kept_norms,
         update_losses=_thin([r.loss for r in history.updates], KEEP_UPDATES)[0],
         update_index=index,
+        # the window each update was given (k2 in force, or ARTBP's L drawn), on the same updates
+        update_k2=[k2s[i - 1] for i in index],
+        mean_k2=_mean_window(k2s),
+        # AdaptiveTBPTT's measurements: CPU seconds and steps run (forward and backward) to measure
+        measure_time=trainer.engine.measure_seconds,
+        measure_steps=trainer.engine.measure_steps,
         lag_norms=run.lag_norms,
         **grad_norm_summary(norms),
     )
+
+
+def _mean_window(k2s: list) -> float:
+    """The mean window over the updates (NaN when the windows were the whole stream so far)."""
+    known = [k for k in k2s if k is not None]
+    return sum(known) / len(known) if known else math.nan
 
 
 def estimated_cost(spec: RunSpec, steps: int) -> float:

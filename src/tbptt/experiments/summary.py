@@ -99,6 +99,7 @@ def summarize(
             "strategy": strategy,
             "k1": group[0].get("k1"),
             "k2": group[0].get("k2"),
+            "windows": group[0].get("windows", "fixed"),  # ARTBP's are random, AdaptiveTBPTT's chosen
             "runs": len(group),
             "failed": sum(r.get("status") == "failed" for r in group),
             "diverged": sum(r.get("status") == "diverged" for r in group),
@@ -121,6 +122,8 @@ def summarize(
             "forward_steps": _mean(r.get("forward_steps") for r in done),
             "backward_steps": _mean(r.get("backward_steps") for r in done),
             "peak_graph_mb": _mean(r.get("peak_graph_mb") for r in done),
+            "mean_k2": _mean(r.get("mean_k2") for r in done),
+            "measure_time": _mean(r.get("measure_time") for r in done),
             "time_to_target": _mean(reached),
             "reached_target": len(reached),
         })

@@ -1,6 +1,7 @@
 """Drawing a TBPTT(k1, k2) schedule: which steps each update advances, backpropagates and injects.
 
-Every picture here is read off ``schedule.updates(n)`` as one grid, ``schedule_grid(schedule, n)``:
+Every picture here is read off ``schedule.updates(n)`` (for ARTBP, one draw of them, ``seed``
+choosing which) as one grid, ``schedule_grid(schedule, n)``:
 one row per update, one column per stream step (long streams: the rows shown only, a column per
 bin of steps, showing the strongest kind in it), each cell one of
 
@@ -17,10 +18,15 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 
+from ..adaptive import AdaptiveTBPTT
+from ..artbp import ARTBP
+from ..compensation import uniforms
 from ..files import atomic_write_figure
-from ..schedule import TBPTT
-from ..validate import positive_int
+from ..schedule import Update, updates_cost
+from ..schedules import Schedule, check_schedule
+from ..validate import non_negative_int, positive_int
 
 OUTSIDE, ADVANCE, WINDOW, ERROR = 0, 1, 2, 3
 KIND_NAMES = {OUTSIDE: "outside", ADVANCE: "forward only", WINDOW: "window", ERROR: "errors injected"}
@@ -28,11 +34,28 @@ _GLYPHS = {OUTSIDE: ("·", "dim"), ADVANCE: ("─", "yellow"), WINDOW: ("░", "
 _COLOURS = ["#f4f4f4", "#f2c14e", "#8fb8de", "#d1495b"]
 
 
-def schedule_grid(schedule: TBPTT, n: int) -> np.ndarray:
+def drawn_updates(schedule: Schedule, n: int, seed: int = 0) -> list[Update]:
+    """The updates of ``schedule`` on ``n`` steps; for ARTBP, one draw (from a generator seeded with
+    ``seed``). AdaptiveTBPTT's windows depend on the gradients a model has in training: refused."""
+    check_schedule(schedule)
+    if isinstance(schedule, AdaptiveTBPTT):
+        raise ValueError(
+            f"{schedule} chooses k2 from the gradients measured in training, so its windows cannot be drawn "
+            f"without a model; draw TBPTT({schedule.k1}, K2) for a K2 in [{schedule.lowest}, {schedule.max_k2}]"
+        )
+    if isinstance(schedule, ARTBP):
+        non_negative_int(seed, "seed")
+        return schedule.updates(n, uniforms(torch.Generator().manual_seed(seed)))
+    return schedule.updates(n)
+
+
+def _name(schedule: Schedule, seed: int) -> str:
+    return f"{schedule} (one draw, seed {seed})" if isinstance(schedule, ARTBP) else str(schedule)
+
+
+def schedule_grid(schedule: Schedule, n: int, seed: int = 0) -> np.ndarray:
     """The ``[updates, n]`` grid of cell kinds (``OUTSIDE``/``ADVANCE``/``WINDOW``/``ERROR``)."""
-    if not isinstance(schedule, TBPTT):
-        raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
-    updates = schedule.updates(n)
+    updates = drawn_updates(schedule, n, seed)
     return _rows(updates, range(len(updates)), n, 1)
 
 
@@ -74,16 +97,14 @@ def _shown_rows(count: int, max_rows: int) -> list[Optional[int]]:
     return list(range(head)) + [None] + list(range(count - tail, count))
 
 
-def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 30) -> Any:
+def render_timeline(schedule: Schedule, n: int, width: int = 100, max_rows: int = 30, seed: int = 0) -> Any:
     """A terminal timeline: one line per update, one character per step (or per bin of steps).
     Only the lines shown are built, so a long stream costs ``max_rows`` lines of ``width`` cells."""
     from rich.console import Group
     from rich.text import Text
 
-    if not isinstance(schedule, TBPTT):
-        raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
     positive_int(width, "width", "columns")
-    updates = schedule.updates(n)
+    updates = drawn_updates(schedule, n, seed)
     per = _bins(n, width)
     shown = _shown_rows(len(updates), max_rows)
     grid = _rows(updates, [r for r in shown if r is not None], n, per)
@@ -93,7 +114,7 @@ def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 3
     label_width = len(f"T={n}") + 1
     lines: list[Text] = []
     scale = f"1 column = {per} steps" if per > 1 else "1 column = 1 step"
-    lines.append(Text(f"{schedule} on n={n} steps ({scale})", style="bold"))
+    lines.append(Text(f"{_name(schedule, seed)} on n={n} steps ({scale})", style="bold"))
     ruler = "".join("|" if (c * per) % (10 * per) == 0 else " " for c in range(columns))
     lines.append(Text(" " * label_width + ruler, style="dim"))
     for row in _shown_rows(len(updates), max_rows):
@@ -115,24 +136,28 @@ def render_timeline(schedule: TBPTT, n: int, width: int = 100, max_rows: int = 3
     return Group(*lines)
 
 
-def cost_table(schedule: TBPTT, n: int) -> Any:
-    """What the schedule costs on a stream of ``n`` steps, from ``schedule.cost(n)``."""
+def cost_table(schedule: Schedule, n: int, seed: int = 0) -> Any:
+    """What the schedule costs on a stream of ``n`` steps (for ARTBP, the draw shown), from its updates."""
     from rich.table import Table
 
-    cost = schedule.cost(n)
-    table = Table(title=f"cost of {schedule} on n={n}", show_header=True)
+    cost = updates_cost(drawn_updates(schedule, n, seed), n)
+    table = Table(title=f"cost of {_name(schedule, seed)} on n={n}", show_header=True)
     table.add_column("quantity")
     table.add_column("steps", justify="right")
     table.add_column("meaning")
     table.add_row("updates", str(cost["updates"]), "optimizer steps")
-    table.add_row("forward (stored)", str(cost["forward_stored"]), "each step run once")
+    if isinstance(schedule, ARTBP):
+        table.add_row("forward (stored)", "-", "ARTBP runs with recompute only")
+    else:
+        table.add_row("forward (stored)", str(cost["forward_stored"]), "each step run once")
     table.add_row("forward (recompute)", str(cost["forward_recompute"]), "each window run at current weights")
     table.add_row("backward", str(cost["backward"]), "steps backpropagated, all updates")
     table.add_row("memory", str(cost["max_window"]), "activations held at once (longest window)")
     return table
 
 
-def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = None, max_rows: int = 60):
+def plot_schedule(schedule: Schedule, n: int, path: Optional[Union[str, Path]] = None, max_rows: int = 60,
+                  seed: int = 0):
     """A matplotlib figure of the grid (updates down, steps across); saved as PNG when ``path`` is given.
 
     Schedules with more than ``max_rows`` updates show their first ``max_rows``.
@@ -141,9 +166,7 @@ def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = No
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    if not isinstance(schedule, TBPTT):
-        raise TypeError(f"schedule must be a tbptt.TBPTT; got {type(schedule).__name__}")
-    all_updates = schedule.updates(n)
+    all_updates = drawn_updates(schedule, n, seed)
     shown = _rows(all_updates, range(min(max_rows, len(all_updates))), n, 1)
     rows = max(1, shown.shape[0])
     fig = Figure(figsize=(min(12.0, 6.0 + 0.08 * n), min(8.0, 2.0 + 0.25 * rows)), dpi=100)
@@ -157,9 +180,9 @@ def plot_schedule(schedule: TBPTT, n: int, path: Optional[Union[str, Path]] = No
     ax.set_yticklabels([f"T={u.stop}" for u in updates], fontsize=7)
     ax.set_xlabel("stream step")
     more = f" (first {max_rows} of {len(all_updates)} updates)" if len(all_updates) > max_rows else ""
-    cost = schedule.cost(n)
+    cost = updates_cost(all_updates, n)
     ax.set_title(
-        f"{schedule}, n={n}{more}\nforward {cost['forward_stored']} (stored) / "
+        f"{_name(schedule, seed)}, n={n}{more}\nforward {cost['forward_stored']} (stored) / "
         f"{cost['forward_recompute']} (recompute), backward {cost['backward']}, memory {cost['max_window']}",
         fontsize=9,
     )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..schedule import TBPTT
+from ..schedules import is_schedule
 from .loader import SegmentBatch
 
 
@@ -31,8 +31,9 @@ def check_parts(model: Any, loss_fn: Any, optimizer: Any, scheduler: Any, schedu
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be a function that builds it, e.g. {name}={example}; got "
                             f"{type(value).__name__}")
-    if not isinstance(schedule, TBPTT):
-        raise TypeError(f"schedule must be a tbptt.TBPTT, e.g. schedule=tbptt.TBPTT(5, 20); got {schedule!r}")
+    if not is_schedule(schedule):
+        raise TypeError(f"schedule must be a tbptt.TBPTT, ARTBP or AdaptiveTBPTT, e.g. schedule=tbptt.TBPTT(5, 20); "
+                        f"got {schedule!r}")
 
 
 def as_segment(batch: Any, batch_idx: int, batches: float) -> SegmentBatch:

@@ -31,7 +31,7 @@ from ..contract import LossFn, masked_sum, step_losses
 from ..distributed import combine_ranks, merge_streams, shard_streams, streams_to_cpu
 from ..engine import ResetFn, StreamEngine, Strategy, UpdateResult
 from ..records import UpdateRecord
-from ..schedule import TBPTT
+from ..schedules import Schedule
 from ..trainer import NonFinite, apply_update
 from ..validate import one_of, positive_number
 from .checks import as_segment, check_loaders, check_parts, check_trainer
@@ -67,7 +67,7 @@ class TBPTTModule(pl.LightningModule):
         model: Optional[nn.Module] = None,
         loss_fn: Optional[LossFn] = None,
         optimizer: Optional[OptimizerFactory] = None,
-        schedule: Optional[TBPTT] = None,
+        schedule: Optional[Schedule] = None,
         strategy: Strategy = "recompute",
         clip_grad_norm: Optional[float] = None,
         nonfinite: NonFinite = "skip",
@@ -104,7 +104,7 @@ class TBPTTModule(pl.LightningModule):
         self._valid: tuple[Any, float, float] = (None, 0.0, 0.0)
 
     @property
-    def schedule(self) -> TBPTT:
+    def schedule(self) -> Schedule:
         return self.engine.schedule
 
     # ------------------------------------------------------------------------------------------
@@ -173,6 +173,7 @@ class TBPTTModule(pl.LightningModule):
                 "the train loader has no len(): TBPTTModule must know a pass's last segment, where the streams "
                 "end; give the loader __len__, or use tbptt.lightning.segments(...)"
             )
+        self._share_plan()
         if self._restored is not None:
             self._resume(self._restored)
             self._restored = None
@@ -248,6 +249,17 @@ class TBPTTModule(pl.LightningModule):
                 "use tbptt.lightning.segments(inputs, targets, segment_length)"
             )
         self._rows = rows
+
+    def _share_plan(self) -> None:
+        """Under several ranks every update gets the same window: ARTBP's draws start from rank 0's
+        generator, an adaptive schedule's measurements are summed over the ranks' rows."""
+        if self.trainer.world_size == 1:
+            return
+        if self.engine.generator is not None:
+            state = [self.engine.generator.get_state()]
+            dist.broadcast_object_list(state, src=0)
+            self.engine.generator.set_state(state[0])
+        self.engine.combine = lambda sums: _all_reduced(sums.to(self.device)).cpu()
 
     def _combine(self, result: UpdateResult, named: list[tuple[str, nn.Parameter]]) -> UpdateResult:
         """The update combined over the ranks (weighted by valid steps), once, before it is checked."""
