@@ -60,11 +60,13 @@ class WeightSnapshot:
         return t.new_empty(0).set_(storage, t.storage_offset(), t.size(), t.stride())
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        # detached: a saved output kept with its grad_fn would hold the graph that holds it, a
+        # reference cycle that keeps every segment's graph alive
         try:
             storage = self._storages.get(t.untyped_storage().data_ptr())
         except (RuntimeError, NotImplementedError, TypeError):  # a tensor without plain memory
-            return t
-        return t if storage is None else self._view(t, storage)
+            return t.detach()
+        return t.detach() if storage is None else self._view(t, storage)
 
     def hooks(self) -> "torch.autograd.graph.saved_tensors_hooks":
         """The context under which a segment's forward saves the snapshot instead of the weights."""
