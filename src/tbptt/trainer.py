@@ -68,6 +68,13 @@ class Trainer:
       ``train_on`` call's inputs (T >= 8 steps; its first 512 steps at most, from state None,
       with this trainer's ``reset_fn``) and raise ``ModelContractError``, with its report, if the
       model breaks the engine's contract. Runs once; the weights are untouched until it passes.
+
+    Threads: the Trainer never changes torch's global thread count; run small recurrent models
+    with ``torch.set_num_threads(1)`` (the ``tbptt`` commands do, ``--threads``). Their steps are
+    small matrix products that a second thread cannot share: measured on ``tbptt train``'s
+    defaults (an LSTM of 32 units, 16 streams) on a shared 2-core machine, two threads took 3-14x
+    the CPU and the wall time of one, and 1.2-16x at 256 units and 32 streams; never less
+    (benchmarks/README.md, "Threads").
     """
 
     def __init__(
