@@ -462,7 +462,7 @@ class StreamEngine:
         errors = self._steps.slice(update.loss_start, stop)
         losses = step_losses(self.loss_fn, outputs[:, update.loss_start - start :], errors.targets, errors.mask)
         total, count = masked_sum(losses, errors.mask)
-        loss = total / count.clamp_min(1)
+        loss = total / (count if errors.mask is None else count.clamp_min(1))  # unmasked: count >= 1
         named = self.named_parameters()
         require_gradient(loss, outputs, len(named))
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
