@@ -15,6 +15,7 @@ from ..data import task_options as accepted
 from ..engine import STRATEGIES
 from ..experiments.runs import MODEL_NAMES, OPTIMIZERS
 from ..models import model_spec
+from ..precision import PRECISIONS
 from ..validate import (
     InvalidArgument,
     non_negative_number,
@@ -63,6 +64,14 @@ def add_run_options(p: argparse.ArgumentParser, epochs: Optional[int] = 10) -> N
                    "default) or stored as first computed (Williams & Peng)")
     p.add_argument("--segment-length", type=int, default=None, metavar="STEPS",
                    help="steps per train_on call (default: the whole split in one call)")
+    add_precision_option(p)
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    """``--precision {fp32,bf16,fp16}``: the dtype the model's forward runs at (``Trainer(precision=)``)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the model's forward under torch.autocast at bf16 or fp16 (fp16 with a loss scale); weights, "
+                   "optimizer and losses stay float32 (default fp32; on CPU bf16 is usually slower for small models)")
 
 
 def add_budget_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:

@@ -152,6 +152,7 @@ def compare(
     console: Any = None,
     distributed: bool = False,
     probe_lags: Optional[int] = 50,
+    precision: str = "fp32",
 ) -> Comparison:
     """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..,model=..]"``) with
     each seed and summarise skill, stability and speed per configuration.
@@ -172,6 +173,7 @@ def compare(
     ``epochs`` caps it. ``max_seconds``: a wall-clock limit on top. ``probe_lags``: on a task whose
     dependency length is unknown, the first seed's runs probe their trained model's gradient
     against lag (``gradient_vs_lag``, outside the budget) for the answer's "why"; None skips it.
+    ``precision``: ``Trainer(precision=...)`` of every run (``"fp32"``, ``"bf16"``, ``"fp16"``).
 
     ``distributed``: spread the runs over the ranks of an initialised ``torch.distributed`` process
     group (e.g. processes started by torchrun on several machines); each rank runs its share with
@@ -181,7 +183,8 @@ def compare(
     """
     options = dict(epochs=epochs, budget=budget, strategy=strategy, hidden=hidden, model=model, lr=lr,
                    optimizer=optimizer, clip=clip, segment_length=segment_length, max_seconds=max_seconds,
-                   probe_lags=probe_lags, task_options=tuple(sorted((task_options or {}).items())))
+                   probe_lags=probe_lags, task_options=tuple(sorted((task_options or {}).items())),
+                   precision=precision)
     specs, meta = _plan(task, configs, seeds, options)
     jobs = default_jobs(distributed) if jobs is None else positive_int(jobs, "jobs", "worker processes")
     rank, world = _ranks(distributed)
