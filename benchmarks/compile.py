@@ -15,7 +15,9 @@ time and CPU time (this process's and its children's: inductor compiles C++ in w
 are reported for both arms, the difference being the compile time. Then ``repeats`` timed calls of
 128 more steps per arm, the arms alternating (order flipped every repeat), process CPU time, one
 thread. A compilation during the timed calls is counted and shown. "losses" is the largest relative
-difference between the two arms' update losses over all the updates made.
+difference between the two arms' update losses over all the updates made. Inductor's on-disk cache
+is a fresh folder (removed at the end), so the compile time is a first run's; ``--warm-cache``
+keeps torch's own cache (what a second run of the same model costs).
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ import argparse
 import copy
 import os
 import platform
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from typing import Callable
+
+if "--warm-cache" not in sys.argv:  # before torch reads it
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="tbptt-inductor-")
 
 import torch
 from torch import nn
@@ -97,6 +105,7 @@ class Arm:
 
 def one_row(name: str, label: str, repeats: int) -> tuple[str, dict]:
     torch._dynamo.reset()  # each row compiles afresh (and within dynamo's limit of 8 graphs per function)
+    before = graphs()
     torch.manual_seed(0)
     model = MODELS[name]()
     g = torch.Generator().manual_seed(1)
@@ -110,9 +119,9 @@ def one_row(name: str, label: str, repeats: int) -> tuple[str, dict]:
             arm.call()
         after = clocks()
         warm[arm_name] = (after[0] - wall, after[1] - cpu)
-    compiled_graphs = graphs()
+    compiled_graphs = graphs() - before
     runs = measure({k: (lambda _, a=a: a.call()) for k, a in arms.items()}, False, repeats)
-    late = graphs() - compiled_graphs
+    late = graphs() - before - compiled_graphs
     per_update = {k: [t / arms[k].updates for t in v] for k, v in runs.items()}
     a, b = arms["compiled"].losses, arms["eager"].losses
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
@@ -130,11 +139,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", default=None, help="write the table (markdown) here")
+    parser.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache of earlier runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    try:
+        lines = table(args)
+    finally:
+        if not args.warm_cache:
+            shutil.rmtree(_CACHE, ignore_errors=True)
+    if args.out:
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+
+
+def table(args: argparse.Namespace) -> list[str]:
+    cache = "kept from earlier runs" if args.warm_cache else "empty at the start (a first run's compile time)"
     lines = [
         f"Machine: {platform.machine()}, {platform.platform()}, torch {torch.__version__}, 1 thread, "
-        f"{os.cpu_count()} CPUs; gcc for inductor's C++.",
+        f"{os.cpu_count()} CPUs; gcc for inductor's C++; inductor's cache {cache}.",
         f"B = {BATCH}, {FEATURES} inputs and outputs, calls of {CALL} steps, recompute, SGD. Per update, in ms: "
         f"min / median / max of {args.repeats} interleaved calls (process CPU time); ratio = compiled / eager "
         "of the medians (in brackets the range of the per-repeat ratios). Warm-up: wall / CPU (with children) "
@@ -149,9 +171,7 @@ def main() -> None:
             line, detail = one_row(name, label, args.repeats)
             lines.append(line)
             print(line, detail, flush=True)
-    if args.out:
-        atomic_write_text(args.out, "\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+    return lines
 
 
 if __name__ == "__main__":

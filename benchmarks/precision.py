@@ -36,6 +36,17 @@ SIZES = [("lstm", 64, ("bf16",)), ("lstm", 256, ("bf16",)), ("rnn", 256, ("bf16"
 SCHEDULES = {"TBPTT(16,16)": TBPTT(16, 16), "TBPTT(8,32)": TBPTT(8, 32)}
 
 
+def cpu_features() -> str:
+    """The CPU's low-precision instruction sets (Linux), which decide what bf16 and fp16 cost."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
+    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((outputs - targets) ** 2).mean(-1)
 
@@ -99,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(1)
     lines = [
         f"Machine: {platform.machine()}, {platform.platform()}, torch {torch.__version__}, 1 thread, "
-        f"{os.cpu_count()} CPUs.", "",
+        f"{os.cpu_count()} CPUs; CPU features: {cpu_features()}.", "",
         "## Time per update",
         "",
         f"B = {BATCH}, {FEATURES} inputs and outputs, calls of {CALL} steps, recompute, SGD. Per update, in ms: "

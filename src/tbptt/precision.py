@@ -23,6 +23,7 @@ from typing import Any, Callable, ContextManager, Literal, Optional
 import torch
 from torch import nn
 
+from .compensation import scale_gradient
 from .contract import LossFn
 from .saved import CheckpointError, Fields, bad
 from .validate import InvalidArgument
@@ -178,20 +179,6 @@ def _float32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32).item()
 
 
-class _ScaledGradient(torch.autograd.Function):
-    """The identity, whose backward multiplies the gradient by the scaler's scale at that moment
-    (windows stored under an earlier scale are backpropagated at the current one)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scaler: LossScaler) -> torch.Tensor:  # type: ignore[override]
-        ctx.scaler = scaler
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad * ctx.scaler.scale, None
-
-
 def float32_losses(loss_fn: LossFn, scaler: Optional[LossScaler] = None) -> LossFn:
     """``loss_fn`` on the model's outputs cast to float32 (float16 and bfloat16 ones), its per-step
     losses float32; with ``scaler``, the gradient flowing from the losses into the model is
@@ -201,7 +188,8 @@ def float32_losses(loss_fn: LossFn, scaler: Optional[LossScaler] = None) -> Loss
     def losses(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x = outputs.float() if isinstance(outputs, torch.Tensor) and outputs.dtype in _LOW.values() else outputs
         if scaler is not None and isinstance(x, torch.Tensor) and x.requires_grad:
-            x = _ScaledGradient.apply(x, scaler)
+            # read when the backward runs: a stored window's older segments get the current scale
+            x = scale_gradient(x, lambda: scaler.scale)
         out = loss_fn(x, targets)
         return out.float() if isinstance(out, torch.Tensor) and out.dtype in _LOW.values() else out
 
