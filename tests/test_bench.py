@@ -40,6 +40,10 @@ def test_table_has_every_row(result: bench.BenchResult) -> None:
     assert any(ref.startswith("least work") and "stored" in c for c, ref in names)
     assert any(ref.startswith("least work") and "recompute" in c for c, ref in names)
     assert "hand-written LSTMCell re-run recipe" in refs
+    # stored against the kernel calls it must make, and that floor against recompute's least work
+    assert any(ref.startswith("floor:") and "stored" in c for c, ref in names)
+    grid = [(c.rsplit(": ", 1)[1], ref) for c, ref in names if "hidden" in c and ": " in c]
+    assert ("stored", "stored floor") in grid and ("stored floor", "recompute bound") in grid
     assert any("Keras" in ref for ref in refs)
     assert any(c.startswith("TBPTT(n,n) checkpoint") for c, _ in names)
     by_k2 = [r for r in result.rows if r.metric == "memory" and r.reference == f"TBPTT({TINY.k1},{TINY.memory_k2s[0]})"]
@@ -55,7 +59,7 @@ def test_measured_ratios_are_finite_and_positive(result: bench.BenchResult) -> N
     for row in measured:
         assert row.ratio is not None and math.isfinite(row.ratio) and row.ratio > 0, row
         assert row.ours_s > 0 and row.reference_s > 0
-        assert row.met in (True, False)
+        assert row.met in (True, False) if row.target is not None else row.met is None
     for row in result.rows:
         if row.ratio is None:  # a row that could not run says why
             assert row.note
@@ -74,8 +78,9 @@ def test_memory_rows_measure_bytes(result: bench.BenchResult) -> None:
 def test_markdown_and_json(result: bench.BenchResult) -> None:
     text = bench.format_markdown(result)
     grid = [r for r in result.rows if r.group == "grid"]
-    # header and one line per row; the grid: its header and one line per configuration (three rows each)
-    assert text.count("\n| ") == len(result.rows) - len(grid) + 1 + 1 + len(grid) // 3
+    # header and one line per row; the grid: its header and one line per configuration (a row per comparison)
+    pairs = len(bench.config.GRID_PAIRS)
+    assert text.count("\n| ") == len(result.rows) - len(grid) + 1 + 1 + len(grid) // pairs
     assert "torch" in text and "B=3" in text
     back = json.loads(json.dumps(result.as_dict()))
     assert len(back["rows"]) == len(result.rows) and back["config"]["hidden"] == 5

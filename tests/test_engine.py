@@ -122,3 +122,27 @@ def test_engine_calls_the_model_on_whole_segments():
         ups = tbptt.TBPTT(k1, k2).updates(100)
         tbptt.truncated_gradients(Spy(), mse_steps, x, y, tbptt.TBPTT(k1, k2))
         assert len(calls) <= most * len(ups), (k1, k2, calls)
+
+
+def test_stored_segments_no_window_reaches_are_freed_and_keep_the_weights_they_ran_with():
+    """The stored graphs live while a window can reach them, no longer (peak memory flat in n), and
+    each keeps the weights its block ran with, whatever the optimizer did to the model since."""
+    from tbptt.bench.jobs import trainer_job
+    from tbptt.bench.measure import peak_memory
+    from tbptt.bench.workloads import Workload
+
+    peaks = []
+    for n in (60, 600):
+        work = Workload(2, 2, 8, 2, n)
+        peaks.append(peak_memory(work, trainer_job(work, tbptt.TBPTT(2, 6), "stored"))[1])
+    assert peaks[1] <= 1.2 * peaks[0], f"stored's memory grew with the stream: {peaks}"
+
+    torch.manual_seed(0)
+    model = make_model("lstm", 0)
+    trainer = tbptt.Trainer(model, mse_steps, torch.optim.SGD(model.parameters(), lr=0.5), tbptt.TBPTT(2, 6),
+                            strategy="stored")
+    x, y = make_data(0, 2, 12)
+    trainer.train_on(x, y)
+    for segment in trainer.engine._segments:  # snapshots, not the live weights, which moved on since
+        assert any(not torch.equal(segment.weights[n], p) for n, p in model.named_parameters())
+        assert all(segment.weights[n].data_ptr() != p.data_ptr() for n, p in model.named_parameters())

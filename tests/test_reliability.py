@@ -66,14 +66,16 @@ def test_a_flipped_byte_anywhere_in_a_checkpoint_is_a_checkpoint_error(tmp_path)
 
 # ----------------------------------------------------------------------------------------------
 # 2. weights that stay finite after each optimizer step
-def momentum_trainer(**kwargs):
+def momentum_trainer(momentum=0.9, **kwargs):
     model = make_model("lstm", 0).float()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
     return tbptt.Trainer(model, mse_steps, optimizer, tbptt.TBPTT(4, 4), **kwargs)
 
 
-def test_a_step_that_makes_the_weights_non_finite_is_undone_weights_and_optimizer_state(tmp_path):
-    trainer = momentum_trainer()
+# momentum 0: plain SGD, whose steps are checked before they are taken (a bound proves most safe)
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_a_step_that_makes_the_weights_non_finite_is_undone_weights_and_optimizer_state(tmp_path, momentum):
+    trainer = momentum_trainer(momentum)
     x, y = make_data(0, 2, 12, dtype=torch.float32)
     (first,) = trainer.train_on(x[:, :4], y[:, :4] * 100)
     assert not first.skipped
@@ -90,8 +92,9 @@ def test_a_step_that_makes_the_weights_non_finite_is_undone_weights_and_optimize
     assert not record.skipped and all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_a_first_step_that_overflows_leaves_no_optimizer_state_and_can_raise():
-    trainer = momentum_trainer(nonfinite="raise")
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_a_first_step_that_overflows_leaves_no_optimizer_state_and_can_raise(momentum):
+    trainer = momentum_trainer(momentum, nonfinite="raise")
     trainer.optimizer.param_groups[0]["lr"] = 1e38
     x, y = make_data(0, 2, 4, dtype=torch.float32)
     before = snapshot(trainer)
@@ -110,6 +113,34 @@ def test_a_learning_rate_the_weights_cannot_hold_is_refused_by_name():
     x, y = make_data(0, 2, 4, dtype=torch.float32)
     (record,) = trainer.train_on(x, y)
     assert record.skipped and "overflowed" in record.reason
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_plain_sgd_never_steps_on_a_refused_update_and_its_bound_covers_every_step_taken(clip):
+    """Plain SGD's steps are taken without copies when a bound proves them safe: a non-finite
+    gradient is refused before any step, and weights grown close to the dtype's largest make the
+    bound refuse, so that the step is checked (and undone) as with any optimizer."""
+    from tbptt.safestep import sgd_step_bound
+
+    trainer = momentum_trainer(0.0, clip_grad_norm=clip)
+    x, y = make_data(0, 2, 16, dtype=torch.float32)
+    assert not trainer.train_on(x[:, :4], y[:, :4])[0].skipped
+    bound = trainer._undo.bound
+    norm = torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in trainer.model.parameters()]))
+    assert bound is not None and bound >= float(norm)  # the bound holds after a step taken without copies
+    before = snapshot(trainer)
+    bad = x[:, 4:8].clone()
+    bad[0, 1, 0] = float("nan")
+    (record,) = trainer.train_on(bad, y[:, 4:8])
+    assert record.skipped and record.reason in ("non-finite loss", "non-finite gradient")
+    assert same(before[0], snapshot(trainer)[0])
+    params = list(trainer.model.parameters())
+    undo = trainer._undo
+    largest = torch.finfo(torch.float32).max
+    undo.bound = largest / 8  # weights near the dtype's largest: a step that could overflow is not taken bare
+    assert not undo.take_bounded_step(1.0, largest / 8, params) and undo.bound is None
+    assert undo.take_bounded_step(0.01, 1.0, params) and undo.bound >= float(norm)
+    assert sgd_step_bound(1.0, 2.0, 3.0) > 7.0  # each element within the norms, and a margin
 
 
 def math_finite(v):

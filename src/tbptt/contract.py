@@ -13,7 +13,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils import _pytree as pytree
 
 from . import state as st
 
@@ -40,13 +39,13 @@ def call_model(
             f"model(inputs, state) must return (outputs[B, T, ...], new_state); got {type(result).__name__}{length}"
         )
     outputs, new_state = result
-    for leaf in pytree.tree_leaves(new_state):
-        if not isinstance(leaf, (torch.Tensor, int, float, bool, type(None))):
-            raise TypeError(
-                f"the model's state holds a {type(leaf).__name__}, which the engine cannot see into to "
-                "detach, reset or save; return the state as a tensor or a tuple/list/dict of tensors "
-                "(or register the class with torch.utils._pytree)"
-            )
+    leaf = st.non_tensor_leaf(new_state)
+    if leaf is not None:
+        raise TypeError(
+            f"the model's state holds a {type(leaf).__name__}, which the engine cannot see into to "
+            "detach, reset or save; return the state as a tensor or a tuple/list/dict of tensors "
+            "(or register the class with torch.utils._pytree)"
+        )
     if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or tuple(outputs.shape[:2]) != tuple(inputs.shape[:2]):
         got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
         raise ValueError(

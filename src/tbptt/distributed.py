@@ -131,7 +131,7 @@ class DistributedTrainer(Trainer):
                              what=f"the all-reduce of the update at stream step {result.update.stop}")
             return buffer
 
-        return combine_ranks(result, self.engine.named_parameters(), summed)
+        return combine_ranks(result, result.params or self.engine.named_parameters(), summed)
 
     def data_fingerprint(self, split: Split) -> dict:
         """The fingerprint of all ranks' rows together (rank order = row order): the same as one
@@ -369,7 +369,7 @@ def combine_ranks(
     grads: dict[str, Optional[torch.Tensor]] = {}
     for (name, p), g, used in zip(named, torch.split(mean[:size], sizes), anywhere):
         grads[name] = g.view(p.shape) if used else None
-    return UpdateResult(result.update, mean[size], grads, total, result.k2)
+    return UpdateResult(result.update, mean[size], grads, total, result.k2, result.params)
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Generator, Iterator, Literal, Optional
 
 import torch
@@ -43,7 +43,7 @@ from .lagscan import measured_curve
 from .schedule import Plan, Update
 from .schedules import Schedule, check_schedule, reaches_earlier_blocks
 from .steps import StepBuffer, Steps, check_steps, reset_positions
-from .stored import Segment, describe, window_gradient
+from .stored import Segment, WeightSnapshot, describe, window_gradient
 from .saved import CheckpointError
 from .stream_state import StreamState
 from .validate import one_of
@@ -65,6 +65,8 @@ class UpdateResult:
     grads: dict[str, Optional[torch.Tensor]]
     valid_steps: torch.Tensor
     k2: Optional[int] = None
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list, repr=False)
+    """The trainable parameters the gradient is for, by name, in the order of ``grads``."""
 
 
 class Updates(Iterator[UpdateResult]):
@@ -468,7 +470,7 @@ class StreamEngine:
         named = self.named_parameters()
         require_gradient(loss, outputs, len(named))
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count)
+        return UpdateResult(update, loss.detach(), {n: g for (n, _), g in zip(named, grads)}, count, params=named)
 
     def _measure(self, plan: AdaptivePlan, update: Update) -> None:
         """If the plan measures this update, measure the state gradient's decay (``lagscan.py``) at the
@@ -495,15 +497,18 @@ class StreamEngine:
         self.measure_seconds += time.process_time() - started
 
     def _run_segment(
-        self, a: int, b: int, prior: st.State, weights: dict[str, torch.Tensor], replay: Optional[dict] = None
+        self, a: int, b: int, prior: st.State, weights: "WeightSnapshot | dict[str, torch.Tensor]",
+        replay: Optional[dict] = None,
     ) -> Segment:
-        """Run steps [a, b) once under a weight snapshot, keeping the graph for later windows.
-        ``replay``: the random state and mode of a segment to rebuild exactly as it first ran."""
+        """Run steps [a, b) once, keeping the graph for later windows: with the model's own weights,
+        saved for the backward as the block's ``WeightSnapshot`` holds them; or, to rebuild a saved
+        segment, under ``weights`` given as tensors, in ``replay``'s random state and mode."""
         piece = self._steps.slice(a, b)
         in_state = st.detach_requiring_grad(prior)
-        call_weights = {**weights, **dict(self.model.named_buffers())}
+        snapshot = weights if isinstance(weights, WeightSnapshot) else None
         devices = [piece.inputs.device] if piece.inputs.is_cuda else []
-        with torch.random.fork_rng(devices=devices, enabled=replay is not None):
+        with torch.random.fork_rng(devices=devices, enabled=replay is not None), \
+                (snapshot.hooks() if snapshot is not None else nullcontext()):
             if replay is not None:
                 torch.set_rng_state(replay["cpu"])
                 if devices:
@@ -513,16 +518,19 @@ class StreamEngine:
             training = self.model.training
             self.model.train(random["training"])
             try:
+                call_weights = None if snapshot is not None else {**weights, **dict(self.model.named_buffers())}
                 out, out_state = self._call(piece.inputs, self._enter(a, in_state), call_weights)
             finally:
                 self.model.train(training)
-        losses = step_losses(self.loss_fn, out, piece.targets, piece.mask)
-        return Segment(a, b, in_state, out_state, losses, piece.mask, weights, random)
+            losses = step_losses(self.loss_fn, out, piece.targets, piece.mask)
+        if snapshot is not None:
+            return Segment(a, b, in_state, out_state, losses, piece.mask, snapshot.values, random, snapshot.params)
+        return Segment(a, b, in_state, out_state, losses, piece.mask, weights, random, weights)
 
     def _stored_block(self, update: Update) -> UpdateResult:
         previous, stop = self.previous, update.stop
         named = self.named_parameters()
-        weights = {n: p.detach().clone().requires_grad_(True) for n, p in named}
+        weights = WeightSnapshot(named)
         cuts = self._cuts(previous, stop, *self.plan.starts_in(previous, stop))
         prior: st.State = self._segments[-1].out_state if self._segments else self._states[previous]
         for a, b in zip(cuts[:-1], cuts[1:]):
@@ -537,4 +545,4 @@ class StreamEngine:
         if not any(s.step_losses.requires_grad for s in window):
             require_gradient(window[-1].step_losses, None, len(named))
         loss, count, grads = window_gradient(window, update.loss_start, [n for n, _ in named])
-        return UpdateResult(update, loss.detach(), grads, count)
+        return UpdateResult(update, loss.detach(), grads, count, params=named)

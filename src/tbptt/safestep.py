@@ -10,7 +10,7 @@ of the model, or whose hyper-parameters the weights' dtype cannot hold (``lr=1e3
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -81,6 +81,27 @@ class StepUndo:
         self._entries: dict[Any, dict] = {}
         self._tensors: list[torch.Tensor] = []
         self._copies: list[torch.Tensor] = []
+        self._saved = False
+        self.bound: Optional[float] = None
+        """An upper bound on the weights' 2-norm (None: unknown), kept without a pass over them."""
+
+    def take_bounded_step(self, rate: float, step_norm: float, params: list[nn.Parameter]) -> bool:
+        """Whether a plain SGD step of learning rate ``rate`` on a gradient of 2-norm ``step_norm``
+        (after clipping) provably leaves every weight finite, so that it needs no copy before it and
+        no check after it (``sgd_step_bound``); if so, the bound on the weights grows by the step."""
+        if self.bound is None:
+            value = float(weights_norm(params))  # once, and after any step that was checked instead
+            self.bound = value if math.isfinite(value) else None
+        if self.bound is None or not params:
+            return False
+        limit = torch.finfo(params[0].dtype).max / 4 if params[0].is_floating_point() else 0.0
+        grown = sgd_step_bound(self.bound, rate, step_norm)
+        if not grown < limit:
+            self.bound = None  # the next update measures the weights again
+            return False
+        self._saved = False  # nothing to restore: this step is taken without copies
+        self.bound = grown
+        return True
 
     def save(self, params: list[nn.Parameter]) -> None:
         """Copy the weights ``params`` and the optimizer's state (one fused copy into buffers kept
@@ -95,6 +116,7 @@ class StepUndo:
                     entries[p] = dict(entry)
                     tensors.extend(v for v in entry.values() if isinstance(v, torch.Tensor))
         self._entries = entries
+        self._saved = True
         with torch.no_grad():
             if len(tensors) == len(self._tensors) and all(a is b for a, b in zip(tensors, self._tensors)):
                 torch._foreach_copy_(self._copies, tensors)
@@ -102,7 +124,10 @@ class StepUndo:
                 self._tensors, self._copies = tensors, [t.detach().clone() for t in tensors]
 
     def restore(self) -> None:
-        """Put back the weights and the optimizer's state copied by the last ``save``."""
+        """Put back the weights and the optimizer's state copied by the last ``save`` (nothing after
+        a step taken without copies)."""
+        if not self._saved:
+            return
         state = self.optimizer.state
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -119,9 +144,44 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
     with torch.no_grad():
+        if _uniform(tensors):  # one dtype and device, the usual case: one fused pass, no grouping
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
         if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused (foreach) pass
             return torch.nn.utils.get_total_norm(tensors, 2.0)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+def _uniform(tensors: list[torch.Tensor]) -> bool:
+    """Whether the tensors share one floating dtype and one device (what a fused norm needs)."""
+    first = tensors[0]
+    return first.is_floating_point() and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+
+
+def sgd_rate(optimizer: Any) -> Optional[float]:
+    """The largest learning rate of a ``torch.optim.SGD`` without momentum or weight decay (whose
+    step moves each weight by exactly lr times its gradient), or None for any other optimizer."""
+    if type(optimizer) is not torch.optim.SGD:
+        return None
+    rates = []
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) != 0 or group.get("weight_decay", 0) != 0:
+            return None
+        rates.append(abs(float(group["lr"])))
+    return max(rates, default=0.0)
+
+
+def sgd_step_bound(weights_norm: float, rate: float, step_norm: float) -> float:
+    """A bound on the largest weight after an SGD step: no element exceeds the weights' 2-norm
+    before it plus ``rate`` times the gradient's 2-norm (each element is at most the 2-norm of its
+    tensor), with a margin for the rounding of both norms and of the step."""
+    return (weights_norm + rate * step_norm) * (1 + 1e-3)
+
+
+def weights_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all weights together (a 0-d tensor, no host sync): finite exactly when every
+    weight is, unless their magnitudes pass the square root of the dtype's largest (``all_finite``
+    tells those apart, run only then)."""
+    return total_norm(params)
 
 
 def finite_weights(params: list[torch.Tensor]) -> torch.Tensor:
@@ -129,7 +189,7 @@ def finite_weights(params: list[torch.Tensor]) -> torch.Tensor:
     weights' 2-norm (one fused pass; any inf or NaN makes it non-finite), ~20x faster than an
     elementwise test; a norm that overflows with finite weights (magnitudes past the square root of
     the dtype's largest) is told apart by ``all_finite``, the exact test, run only then."""
-    if params and all(p.dtype == params[0].dtype and p.device == params[0].device for p in params):
+    if params and _uniform(params):
         with torch.no_grad():  # one dtype and device, the usual case: no grouping needed
             return torch.isfinite(torch.stack(torch._foreach_norm(params)).sum())
     return torch.isfinite(total_norm(params))

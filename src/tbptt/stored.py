@@ -1,10 +1,16 @@
 """Stored activations for the ``stored`` strategy (Williams & Peng's BPTT(h; h')).
 
 Each step runs forward once, in a segment that starts from a detached copy of the previous
-segment's state (so a segment can be dropped as soon as no window reaches it) and uses a snapshot
-of the weights of its block (so an optimizer step cannot invalidate a graph that later windows
-still backpropagate through). A window's backward goes segment by segment, newest first, handing
-the gradient of each segment's entering state to the segment before it.
+segment's state (so a segment can be dropped as soon as no window reaches it). The segment runs
+with the model's own weights, and every weight autograd saves for the backward is saved as a view
+of a snapshot of its block's weights (``WeightSnapshot``, a saved-tensors hook): an optimizer step
+then cannot change or invalidate a graph that later windows still backpropagate through, and no
+call pays for swapping the model's parameters. A window's backward goes segment by segment, newest
+first, handing the gradient of each segment's entering state to the segment before it.
+
+What a model must do for this: save what its backward needs the way autograd sees it (its own
+operations, or ``ctx.save_for_backward`` in a custom ``autograd.Function``, as torch requires); a
+weight stashed on ``ctx`` by hand would be read after the optimizer changed it.
 """
 
 from __future__ import annotations
@@ -29,8 +35,46 @@ class Segment:
     out_state: st.State  # with graph
     step_losses: torch.Tensor  # [B, stop - start], with graph
     mask: Optional[torch.Tensor]
-    weights: dict[str, torch.Tensor]  # the snapshot of the block's weights this segment used
+    weights: dict[str, torch.Tensor]  # the values of the block's weights this segment used (detached)
     random: dict  # the random generators' states and the model's mode when the segment ran
+    leaves: dict[str, torch.Tensor]  # what the window's gradient is taken with respect to, by name
+
+
+class WeightSnapshot:
+    """The values of a block's weights, copied once, and a saved-tensors hook (``pack``) that
+    saves any tensor on a weight's memory as the same view of the copy."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.params = dict(named)  # the weights themselves: what gradients are taken with respect to
+        self._storages: dict[int, torch.UntypedStorage] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, p in named:
+                key = p.untyped_storage().data_ptr()
+                if key not in self._storages:  # weights sharing memory (tied, flattened) share a copy
+                    self._storages[key] = p.untyped_storage().clone()
+                self.values[name] = self._view(p, self._storages[key])
+
+    @staticmethod
+    def _view(t: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor:
+        return t.new_empty(0).set_(storage, t.storage_offset(), t.size(), t.stride())
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        # detached: a saved output kept with its grad_fn would hold the graph that holds it, a
+        # reference cycle that keeps every segment's graph alive
+        try:
+            storage = self._storages.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError, TypeError):  # a tensor without plain memory
+            return t.detach()
+        return t.detach() if storage is None else self._view(t, storage)
+
+    def hooks(self) -> "torch.autograd.graph.saved_tensors_hooks":
+        """The context under which a segment's forward saves the snapshot instead of the weights."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def window_gradient(
@@ -67,12 +111,12 @@ def window_gradient(
             continue
         # the window's first segment starts from its entering state, a constant
         in_leaves = [] if seg is window[0] else st.tensors(seg.in_state)
-        wanted = list(seg.weights.values()) + [t for t in in_leaves if t.requires_grad]
+        wanted = list(seg.leaves.values()) + [t for t in in_leaves if t.requires_grad]
         got = torch.autograd.grad(outs, wanted, outs_grad, retain_graph=True, allow_unused=True)
-        for name, g in zip(seg.weights, got[: len(seg.weights)]):
+        for name, g in zip(seg.leaves, got[: len(seg.leaves)]):
             if g is not None:
                 grads[name] = g if grads[name] is None else grads[name] + g
-        rest = iter(got[len(seg.weights):])
+        rest = iter(got[len(seg.leaves):])
         state_grads = [next(rest) if t.requires_grad else None for t in in_leaves]
     return loss, count, grads
 

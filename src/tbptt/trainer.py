@@ -33,7 +33,8 @@ from .safestep import (
     all_finite,
     check_optimizer,
     check_optimizer_state,
-    finite_weights,
+    sgd_rate,
+    weights_norm,
     load_optimizer,
     total_norm as total_norm,
 )
@@ -319,7 +320,7 @@ class Trainer:
         return result
 
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
-        record = apply_update(self.reduce(result), self.engine.named_parameters(), self.optimizer,
+        record = apply_update(self.reduce(result), result.params or self.engine.named_parameters(), self.optimizer,
                               self.clip_grad_norm, self.nonfinite, started, self._undo, self.loss_scaler)
         if record.skipped:
             self.updates_skipped += 1
@@ -349,13 +350,15 @@ def apply_update(
     the loss, the gradient norm, the count of valid steps and whether the weights are finite; if
     any fails, the step is undone (the weights and the optimizer's state as before it, from copies
     ``undo`` took before the step) and the update skipped, or, with ``nonfinite="raise"``, a
-    ``NonFiniteError`` raised. ``optimizer`` is a torch optimizer, or a wrapper of one that owns the
-    step (Lightning's); ``undo``: a ``StepUndo`` of it kept between updates (its buffers are reused;
-    None makes one). ``started``: the ``time.perf_counter()`` at which the update's work began, for
-    the record's wall time. ``scaler``: float16's ``LossScaler``, whose scale the gradient was
-    computed at: it is divided out first, and the scale updated after the sync
-    (``LossScaler.after_update``).
-    ``Trainer`` applies every update with it.
+    ``NonFiniteError`` raised. With plain SGD (no momentum, no weight decay) the sync comes before
+    the step instead: a refused update is not stepped at all, and a step that provably cannot make
+    a weight non-finite (``safestep.sgd_step_bound``) is taken without copies or a check after it.
+    ``optimizer`` is a torch optimizer, or a wrapper of one that owns the step (Lightning's);
+    ``undo``: a ``StepUndo`` of it kept between updates (its buffers and its bound on the weights
+    are reused; None makes one). ``started``: the ``time.perf_counter()`` at which the update's work
+    began, for the record's wall time. ``scaler``: float16's ``LossScaler``, whose scale the gradient
+    was computed at: it is divided out first, and the scale updated once the gradient is known
+    finite or not (``LossScaler.after_update``). ``Trainer`` applies every update with it.
     """
     undo = undo or StepUndo(optimizer)
     params = [p for _, p in named]
@@ -363,14 +366,38 @@ def apply_update(
     if scaler is not None:
         scaler.unscale(result.grads)
     norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
+    rate = sgd_rate(optimizer)
+    checked = None
+    if rate is not None:
+        # plain SGD: the sync before the step, so that a refused update is never stepped and a
+        # bounded step needs no copy of the weights
+        checked = torch.stack([result.loss.float(), norm.float(), result.valid_steps.float().to(device)]).tolist()
+        reason = _refusal(*checked, True, "")
+        if not reason and undo.take_bounded_step(rate, min(checked[1], clip_grad_norm or math.inf), params):
+            overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
+            return _record(result, checked[0], checked[1], started, _refusal(*checked, True, overflow), nonfinite,
+                           scaler=scaler)
+        if reason:
+            return _record(result, checked[0], checked[1], started, reason, nonfinite, stepped=False, scaler=scaler)
     undo.save(params)
     overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
-    weights = finite_weights(params).to(device)
+    weights = weights_norm(params).to(device)
     # the one host sync of an update (a second only when the weights' norm is not finite)
-    loss_value, norm_value, valid, finite = torch.stack(
+    loss_value, norm_value, valid, weights_value = torch.stack(
         [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
     ).tolist()
-    reason = _refusal(loss_value, norm_value, valid, finite == 1.0 or all_finite(params), overflow)
+    finite = math.isfinite(weights_value) or all_finite(params)
+    undo.bound = weights_value if math.isfinite(weights_value) else None
+    reason = _refusal(loss_value, norm_value, valid, finite, overflow)
+    if reason:
+        undo.restore()
+    return _record(result, loss_value, norm_value, started, reason, nonfinite, scaler=scaler)
+
+
+def _record(result: UpdateResult, loss_value: float, norm_value: float, started: float, reason: str,
+            nonfinite: NonFinite, stepped: bool = True, scaler: Optional[LossScaler] = None) -> UpdateRecord:
+    """The update's record; a refused update (its step undone, or not ``stepped``) is skipped, or raised.
+    Every update passes here once: float16's loss scale is updated here."""
     tolerated = reason == "no valid steps"  # skipped even under nonfinite="raise"
     if scaler is not None:
         reason, overflowed = scaler.after_update(reason, math.isfinite(norm_value))
@@ -379,11 +406,11 @@ def apply_update(
     if not reason:
         return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
                             k2=result.k2)
-    undo.restore()
     if nonfinite == "raise" and not tolerated:
         raise NonFiniteError(
             f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss {loss_value}, gradient "
-            f"norm {norm_value}; the step was undone: the weights and the optimizer's state are as before it"
+            f"norm {norm_value}; {'the step was undone' if stepped else 'no step was taken'}: the weights and the "
+            "optimizer's state are as before it"
         )
     return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
                         True, reason, result.k2)

@@ -108,6 +108,19 @@ class Target:
         return "no"
 
 
+GRID_PAIRS = (
+    ("stored", "stored bound", Target("<=", 1.15, "<= 1.15")),
+    # what is ours: the engine's cost over the kernel calls the strategy must make
+    ("stored", "stored floor", Target("<=", 1.15, "<= 1.15")),
+    # what is the kernel's: a fused model's fixed cost per backward call, k2/k1 calls per update
+    ("stored floor", "recompute bound", None),
+    ("recompute", "recompute bound", Target("<=", 1.10, "<= 1.10")),
+    ("stored", "recompute", Target("<=", 1.0, "<= 1.0")),
+)
+"""The grid's comparisons: each strategy against its least work, ``stored`` against the calls it
+cannot avoid (its floor), the floor against recompute's least work, and the two strategies."""
+
+
 @dataclass
 class Row:
     """One line of the table. ``metric`` says whether ``ratio`` compares times or peak memory."""

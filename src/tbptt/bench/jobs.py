@@ -223,6 +223,59 @@ def stored_bound_job(work: Workload, schedule: TBPTT) -> Job:
     return setup
 
 
+def stored_floor_job(work: Workload, schedule: TBPTT) -> Job:
+    """The calls ``stored`` cannot avoid with a fused model: each step forward once in k1-step
+    calls, and per update a backward through its window's k1-step graphs, newest first, each
+    handing its entering state's gradient to the one before (the weights differ from block to
+    block, so a window's steps cannot share one fused graph). The graphs are built untimed, on a
+    copy of the weights, and kept with ``retain_graph``; one optimizer step per update. Needs
+    k2 a multiple of k1."""
+    k1, k2 = schedule.k1, schedule.k2
+    if k1 is None or k2 is None or k2 % k1:
+        raise ValueError(f"the stored floor needs k2 a multiple of k1; got {schedule}")
+
+    def setup() -> Prepared:
+        model = work.model()
+        params = list(model.parameters())
+        optimizer = work.optimizer(params)
+        updates = schedule.updates(work.n)
+        copy = work.model()
+        copy_params = list(copy.parameters())
+        chain, state = [], None  # (entering state leaves, leaving state, the segment's loss)
+        for i in range(k2 // k1):
+            entering = None if state is None else tuple(h.detach().requires_grad_(True) for h in state)
+            outputs, state = copy(work.inputs[:, i * k1:(i + 1) * k1], entering)
+            chain.append((entering, state, per_step_mse(outputs, work.targets[:, i * k1:(i + 1) * k1]).mean()))
+
+        def window_backward(segments: int) -> list[Optional[torch.Tensor]]:
+            total: list[Optional[torch.Tensor]] = [None] * len(copy_params)
+            handed = None
+            for index in range(len(chain) - 1, len(chain) - 1 - segments, -1):
+                entering, leaving, loss = chain[index]
+                inner = entering is not None and index > len(chain) - segments
+                wanted = copy_params + (list(entering) if inner else [])
+                got = torch.autograd.grad([loss] if handed is None else list(leaving), wanted, handed,
+                                          retain_graph=True, allow_unused=True)
+                total = [a if b is None else b if a is None else a + b for a, b in zip(total, got)]
+                handed = got[len(copy_params):] if inner else None
+            return total
+
+        def run() -> None:
+            state, previous = None, 0
+            for u in updates:
+                outputs, state = model(work.inputs[:, previous:u.stop], state)
+                per_step_mse(outputs, work.targets[:, previous:u.stop]).mean()
+                state = tuple(h.detach() for h in state)
+                for p, g in zip(params, window_backward(u.window // k1)):
+                    p.grad = g
+                optimizer.step()
+                previous = u.stop
+
+        return run, params
+
+    return setup
+
+
 def keras_stateful_job(work: Workload, k: int) -> Job:
     """Keras 3 stateful LSTM + Dense trained chunk by chunk with ``train_on_batch`` (TBPTT(k, k) the
     Keras way), same sizes, SGD at the same learning rate. Needs ``keras`` importable; runs on

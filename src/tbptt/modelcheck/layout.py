@@ -121,7 +121,7 @@ def check_state(run: Runner, full: Run, found: list[Layout]) -> Check:
 
 def _leaf(run: Runner, f: Layout) -> tuple[str, str, str]:
     """(description, problem, note) of one state leaf."""
-    path, leaf, rows = f.path, f.leaf, len(run.rows)
+    path, leaf = f.path, f.leaf
     if isinstance(leaf, (bool, int, float)):
         return f"{path} = {leaf!r}", (
             f"{path} is a Python {type(leaf).__name__} ({leaf!r}): one value for all rows, which the engine can "
