@@ -52,7 +52,8 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def timing_rows(repeats: int) -> list[str]:
-    lines = ["| model | schedule | precision | ms/update | fp32 ms/update | precision / fp32 |", "|---|---|---|---|---|---:|"]
+    lines = ["| model | schedule | precision | ms/update | fp32 ms/update | precision / fp32 |",
+             "|---|---|---|---|---|---:|"]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(BATCH, 4096, FEATURES, generator=g), torch.randn(BATCH, 4096, FEATURES, generator=g)
     for cell, hidden, precisions in SIZES:

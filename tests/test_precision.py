@@ -170,9 +170,11 @@ def test_the_unscaled_gradient_does_not_depend_on_the_scale_even_across_stored_w
     assert torch.equal(weights(fixed), weights(flipping))
 
 
-def test_an_fp16_overflow_is_a_skipped_update_with_its_reason_and_the_weights_untouched():
+@pytest.mark.parametrize("optimizer,entries", [(torch.optim.Adam, 18), (torch.optim.SGD, 0)])
+def test_an_fp16_overflow_is_a_skipped_update_with_its_reason_and_the_weights_untouched(optimizer, entries):
+    """Adam: the step is taken and undone; plain SGD: refused before its step (apply_update's two paths)."""
     x, y = stream(steps=8)
-    t = trainer(RNNHead, "fp16", TBPTT(4, 4), torch.optim.Adam, 1e-2, nonfinite="raise")
+    t = trainer(RNNHead, "fp16", TBPTT(4, 4), optimizer, 1e-2, nonfinite="raise")
     t.train_on(x[:, :4], y[:, :4])  # one applied update: Adam has moments to keep
     t.loss_scaler.scale = 2.0**60  # the scaled gradient cannot be held in float16
     before = weights(t).clone()
@@ -182,7 +184,7 @@ def test_an_fp16_overflow_is_a_skipped_update_with_its_reason_and_the_weights_un
     assert math.isfinite(record.loss) and t.updates_skipped == 1
     assert torch.equal(weights(t), before)
     now = {(id(p), k): v for p, s in t.optimizer.state.items() for k, v in s.items()}
-    assert len(moments) == 18 and now.keys() == moments.keys()  # 6 parameters: step, exp_avg, exp_avg_sq
+    assert len(moments) == entries and now.keys() == moments.keys()  # Adam: 6 parameters x 3
     assert all(torch.equal(v, moments[key]) for key, v in now.items())
     assert t.loss_scaler.scale == 2.0**59 and t.loss_scaler.growth_tracker == 0
     t.loss_scaler.scale = 2.0**8
