@@ -220,6 +220,7 @@ def test_a_long_stream_draws_only_the_rows_shown(tmp_path):
     ("epochs", None, "epochs must be a positive int when there is no budget"),
     ("probe_lags", 0, "probe_lags must be a positive int"),
     ("lr", float("inf"), "lr must be a positive number"),
+    ("threads", 0, "threads must be a positive int"),
 ])
 def test_run_spec_rejects_bad_settings_before_any_run(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -303,6 +304,10 @@ def test_default_workers_are_shared_among_a_machines_ranks(monkeypatch):
     assert sweep.default_jobs(distributed=False) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert sweep.default_jobs(distributed=True) == 1
+    # runs of several threads each: fewer of them, so that together they keep to the CPUs
+    assert sweep.default_jobs(distributed=False, threads=2) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert sweep.default_jobs(distributed=True, threads=2) == 2
 
 
 def test_a_label_names_the_strategy_once():

@@ -77,6 +77,13 @@ class Trainer:
     - ``compile``: compile the model's forward in place (``nn.Module.compile``; a dict: its options,
       e.g. ``{"backend": "aot_eager"}``); pays on CPU for a Python loop over cells, not for nn.LSTM,
       which dynamo runs eagerly (``benchmarks/results/compile-cpu.md``).
+
+    Threads: the Trainer never changes torch's global thread count; run small recurrent models
+    with ``torch.set_num_threads(1)`` (the ``tbptt`` commands do, ``--threads``). Their steps are
+    small matrix products that a second thread cannot share: measured on ``tbptt train``'s
+    defaults (an LSTM of 32 units, 16 streams) on a shared 2-core machine, two threads took 3-14x
+    the CPU and the wall time of one, and 1.2-16x at 256 units and 32 streams; never less
+    (benchmarks/README.md, "Threads").
     """
 
     def __init__(

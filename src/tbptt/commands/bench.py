@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..files import atomic_write_text, check_writable
+from .options import add_threads_option, check_threads, using_threads
 
 
 def register(subparsers) -> None:
@@ -29,8 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="FILE", action="append", default=[],
                    help="also write the result to FILE.json (all runs) or FILE.md (the table); repeatable")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per contender (median; preset default)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for the run (default 1, so runs are comparable)")
+    add_threads_option(p)
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="time runs by process CPU time (auto on one CPU thread: robust on a shared "
                    "machine) or wall time (auto on CUDA or several threads)")
@@ -45,8 +45,7 @@ def _config(args: argparse.Namespace):
     overrides: dict = {"device": args.device, "clock": args.clock}
     if args.repeats is not None:
         overrides["repeats"] = args.repeats
-    if args.threads is not None:
-        overrides["threads"] = args.threads
+    overrides["threads"] = check_threads(args)
     if args.memory_n is not None:
         try:
             overrides["memory_ns"] = tuple(int(v) for v in args.memory_n.split(","))
@@ -68,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--out must end in .json or .md; got {str(out)!r}")
             check_writable(out, "--out")  # before minutes of measuring, not after
         config = _config(args)
-        result = run_suite(config, progress=lambda name: err.print(f"[dim]measuring {name}...[/dim]"))
+        with using_threads(args):
+            result = run_suite(config, progress=lambda name: err.print(f"[dim]measuring {name}...[/dim]"))
     except (TypeError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2

@@ -10,7 +10,16 @@ import torch
 from ..modelcheck import MIN_STEPS, check_model
 from ..validate import non_negative_int, positive_int
 from ..experiments.runs import model_for
-from .options import add_model_options, add_task_options, check_model_options, load_task, print_error
+from .options import (
+    add_model_options,
+    add_task_options,
+    add_threads_option,
+    check_model_options,
+    check_threads,
+    load_task,
+    print_error,
+    using_threads,
+)
 
 
 def register(subparsers) -> None:
@@ -27,6 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--rows", type=int, default=4, help="streams in the sample (default 4; 2 or more check the rows)")
     p.add_argument("--steps", type=int, default=64, help=f"steps in the sample (default 64, at least {MIN_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation (default 0)")
+    add_threads_option(p)
     p.set_defaults(func=run, parser=p)
 
 
@@ -36,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         positive_int(args.rows, "--rows", "streams")
         positive_int(args.steps, "--steps")
         non_negative_int(args.seed, "--seed")
+        check_threads(args)
         task = load_task(args.task, args.task_option)
         torch.manual_seed(args.seed)
         model = model_for(task, args.model, args.hidden)
@@ -43,12 +54,8 @@ def run(args: argparse.Namespace) -> int:
         if inputs.shape[1] < MIN_STEPS:
             raise ValueError(f"task {args.task!r} has {inputs.shape[1]} training steps; the checks need a sample "
                              f"of at least {MIN_STEPS}: lengthen the task (--task-option steps=...)")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a sample of a few rows: threads only contend
-        try:
+        with using_threads(args):
             report = check_model(model, inputs)
-        finally:
-            torch.set_num_threads(threads)
     except (TypeError, ValueError) as exc:
         print_error(exc, args.parser)
         return 2

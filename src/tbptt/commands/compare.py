@@ -15,12 +15,15 @@ from .console import card, make_console
 from .options import (
     add_budget_option,
     add_run_options,
+    add_threads_option,
     check_budget,
     check_run_options,
+    check_threads,
     load_task,
     print_error,
     task_defaults,
     task_options,
+    using_threads,
 )
 
 
@@ -44,7 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=float, default=None,
                    help="validation metric for time-to-target (default: baseline + 90%% of the best improvement)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="worker processes (default: CPU count; under torchrun, divided among a machine's ranks)")
+                   help="worker processes (default: CPU count over --threads; under torchrun, divided among a "
+                   "machine's ranks)")
+    add_threads_option(p)
     p.add_argument("--out", default=None, help="report folder (default tbptt-report/TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
@@ -95,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     distributed = False
     try:
         check_run_options(args)
+        check_threads(args)
         positive_int(args.seeds, "--seeds")
         if args.jobs is not None:
             positive_int(args.jobs, "--jobs", "worker processes")
@@ -107,14 +113,15 @@ def run(args: argparse.Namespace) -> int:
         distributed = _join_ranks(args)
         if distributed and torch_rank() != 0:
             console = make_console(quiet=True)
-        comparison = compare(
-            args.task, args.config, args.seeds, epochs=args.epochs, budget=budget, strategy=args.strategy,
-            hidden=args.hidden, model=args.model, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
-            segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
-            precision=args.precision,
-            target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
-            progress=not args.no_progress, console=console, distributed=distributed,
-        )
+        with using_threads(args):
+            comparison = compare(
+                args.task, args.config, args.seeds, epochs=args.epochs, budget=budget, strategy=args.strategy,
+                hidden=args.hidden, model=args.model, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
+                segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
+                precision=args.precision,
+                target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
+                progress=not args.no_progress, console=console, distributed=distributed, threads=args.threads,
+            )
     except (TypeError, ValueError, OSError, tdist.DistributedError) as exc:
         print_error(exc, args.parser)
         return 2

@@ -23,7 +23,7 @@ from ..files import check_writable
 from ..validate import positive_int
 from .compare import print_comparison
 from .console import heading, make_console
-from .options import add_precision_option, print_error
+from .options import add_precision_option, add_threads_option, check_threads, print_error, using_threads
 
 DELAY = 5
 
@@ -73,7 +73,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="tbptt-demo", help="report folder (default tbptt-demo)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count over --threads)")
+    add_threads_option(p)
     p.add_argument("--budget", default=None, metavar="KIND:AMOUNT",
                    help="what each run may spend, for both tasks: epochs:N, cpu:SECONDS or backward:STEPS "
                    f"(default: {', '.join(f'{part.budget} for {part.task}' for part in PARTS)})")
@@ -103,6 +104,7 @@ def _index(out: Path, done: list[tuple[DemoPart, Any]], seconds: float) -> Path:
 def run(args: argparse.Namespace) -> int:
     try:
         positive_int(args.seeds, "--seeds")
+        check_threads(args)
         if args.jobs is not None:
             positive_int(args.jobs, "--jobs", "worker processes")
         if args.budget is not None:
@@ -120,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
     for part in QUICK if args.quick else PARTS:
         heading(console, f"{part.task}: {part.note}" if part.note else part.task)
         try:
-            comparison = compare(part.task, list(part.configs) + list(args.config), args.seeds,
-                                 budget=_part_budget(part, args.budget), task_options=part.task_options,
-                                 jobs=args.jobs, out=out / part.task, console=console, precision=args.precision)
+            with using_threads(args):
+                comparison = compare(part.task, list(part.configs) + list(args.config), args.seeds,
+                                     budget=_part_budget(part, args.budget), task_options=part.task_options,
+                                     jobs=args.jobs, out=out / part.task, console=console, threads=args.threads,
+                                     precision=args.precision)
         except ValueError as exc:  # a precision the task's model cannot run at
             print_error(exc, args.parser)
             return 2

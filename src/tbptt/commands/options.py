@@ -1,6 +1,7 @@
 """What the training commands (train, compare, probe) share: their options, declared once with
 choices taken from the registries they name (tasks, models, strategies, optimizers), the reading of
-``--task-option KEY=VALUE``, and errors printed in the command line's terms (flags, not Python names).
+``--task-option KEY=VALUE``, ``--threads`` (every command that computes), and errors printed in the
+command line's terms (flags, not Python names).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ..data import TASKS
 from ..data import load_task as load
 from ..data import task_options as accepted
 from ..engine import STRATEGIES
-from ..experiments.runs import MODEL_NAMES, OPTIMIZERS
+from ..experiments.runs import MODEL_NAMES, OPTIMIZERS, torch_threads
 from ..models import model_spec
 from ..precision import PRECISIONS
 from ..validate import (
@@ -72,6 +73,30 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the model's forward under torch.autocast at bf16 or fp16 (fp16 with a loss scale); weights, "
                    "optimizer and losses stay float32 (default fp32; on CPU bf16 is usually slower for small models)")
+
+
+DEFAULT_THREADS = 1
+"""``--threads`` when none is given. One: the recurrent models these commands train step through
+time in small operations that a second thread cannot share, so it only adds work, and on a busy
+machine it waits for a core (benchmarks/README.md, "Threads", has the measurement)."""
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads for the command (``torch.set_num_threads``)."""
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"torch threads on the CPU (default {DEFAULT_THREADS}: a small recurrent model's steps are "
+                   "too small to share, and more threads cost more CPU time, and on a busy machine more wall time "
+                   "too; measured in benchmarks/README.md, Threads)")
+
+
+def check_threads(args: argparse.Namespace) -> int:
+    """``--threads`` checked (a positive int)."""
+    return positive_int(args.threads, "--threads", "torch threads")
+
+
+def using_threads(args: argparse.Namespace):
+    """A context in which torch uses ``--threads`` threads; the count before it is restored after."""
+    return torch_threads(check_threads(args))
 
 
 def add_budget_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:

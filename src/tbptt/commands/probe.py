@@ -17,7 +17,16 @@ from ..trainer import Trainer
 from ..validate import fraction, positive_int
 from .console import make_console
 from ..precision import autocast_for
-from .options import add_run_options, check_run_options, load_task, print_error, task_defaults
+from .options import (
+    add_run_options,
+    add_threads_option,
+    check_run_options,
+    check_threads,
+    load_task,
+    print_error,
+    task_defaults,
+    using_threads,
+)
 
 
 def register(subparsers) -> None:
@@ -39,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, metavar="K1,K2",
                    help="schedule of the short training (default L,L: TBPTT(L, L) with L = --max-lag)")
     p.add_argument("--png", default=None, help="plot file (default tbptt-report/probe-TASK.png)")
+    add_threads_option(p)
     p.set_defaults(func=run, parser=p)
 
 
@@ -48,6 +58,7 @@ def _png(args: argparse.Namespace) -> Path:
 
 def _check(args: argparse.Namespace) -> None:
     check_run_options(args)
+    check_threads(args)
     for name in ("max_lag", "positions", "rows"):
         positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
     fraction(args.fraction, "--fraction", "e.g. 0.01")
@@ -71,12 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print_error(exc, args.parser)
         return 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small recurrent models: threads only contend
-    try:
+    with using_threads(args):
         return _probe(args, task, model, schedule, split, console)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _probe(args: argparse.Namespace, task: Any, model: Any, schedule: Any, split: Any, console: Any) -> int:

@@ -25,16 +25,19 @@ from ..experiments.runs import OPTIMIZERS, Configuration, model_for
 from ..files import check_writable
 from ..modelcheck import ModelContractError
 from ..trainer import Trainer
-from ..validate import positive_int, positive_number
+from ..validate import positive_number
 from .console import FitLog, make_console
 from .options import (
     add_budget_option,
     add_run_options,
+    add_threads_option,
     check_budget,
     check_run_options,
+    check_threads,
     load_task,
     print_error,
     task_defaults,
+    using_threads,
 )
 
 
@@ -70,15 +73,13 @@ def register(subparsers) -> None:
     p.add_argument("--check-model", action="store_true",
                    help="before the first update, check that the model keeps the engine's contract "
                    "(tbptt.check_model on the first segment); a model that breaks it stops the run with the report")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads on the CPU (default 1: a small recurrent model's steps are too small to "
-                   "share, and more threads only contend, badly on a busy machine)")
+    add_threads_option(p)
     p.set_defaults(func=run, parser=p)
 
 
 def _check(args: argparse.Namespace) -> Configuration:
     check_run_options(args)
-    positive_int(args.threads, "--threads", "torch threads")
+    check_threads(args)
     if args.timeout is not None:
         positive_number(args.timeout, "--timeout", "seconds")
     if args.log is not None and Path(args.log).suffix not in (".jsonl", ".csv"):
@@ -107,33 +108,33 @@ def run(args: argparse.Namespace) -> int:
         print_error(exc, args.parser)
         return 2
     console = make_console(quiet=rank != 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
-        random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        device = torch.device("cpu")
-        if distributed and torch.distributed.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        model_name = config.model or args.model
-        model = model_for(task, model_name, args.hidden).to(device)
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=config.lr or args.lr)
-        kind = tdist.DistributedTrainer if distributed else Trainer
-        strategy = config.strategy or args.strategy
-        trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=strategy,
-                       clip_grad_norm=config.clip or args.clip or None, check_model=args.check_model,
-                       precision=args.precision)
-        train = trainer.shard(task.train) if distributed else task.train
-        console.print(f"{task.description}: {model_name}, {schedule}, {strategy}, "
-                      f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
-        logged = [] if console.is_terminal else [FitLog(console, train.steps, args.epochs)]
-        history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device), metric=task.metric,
-                              segment_length=args.segment_length, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume, log=args.log,
-                              allow_data_change=args.allow_data_change, budget=budget, callbacks=logged)
-        if rank == 0:
-            test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
-            report(console, task, history, test["metric"], world)
+        with using_threads(args):
+            random.seed(args.seed)
+            torch.manual_seed(args.seed)
+            device = torch.device("cpu")
+            if distributed and torch.distributed.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            model_name = config.model or args.model
+            model = model_for(task, model_name, args.hidden).to(device)
+            optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=config.lr or args.lr)
+            kind = tdist.DistributedTrainer if distributed else Trainer
+            strategy = config.strategy or args.strategy
+            trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=strategy,
+                           clip_grad_norm=config.clip or args.clip or None, check_model=args.check_model,
+                           precision=args.precision)
+            train = trainer.shard(task.train) if distributed else task.train
+            console.print(f"{task.description}: {model_name}, {schedule}, {strategy}, "
+                          f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")
+            logged = [] if console.is_terminal else [FitLog(console, train.steps, args.epochs)]
+            history = trainer.fit(train.to(device), epochs=args.epochs, valid=task.valid.to(device),
+                                  metric=task.metric, segment_length=args.segment_length,
+                                  checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                                  resume=args.resume, log=args.log, allow_data_change=args.allow_data_change,
+                                  budget=budget, callbacks=logged)
+            if rank == 0:
+                test = trainer.evaluate(task.test.to(device), metric=task.metric, segment_length=args.segment_length)
+                report(console, task, history, test["metric"], world)
     except ModelContractError as exc:
         console.print(str(exc.report), markup=False, highlight=False, soft_wrap=True)
         print_error(ValueError(f"--model {args.model} breaks the engine's contract (report above); "
@@ -147,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
         joined = _exit_if_unattended(joined)
         return 1
     finally:
-        torch.set_num_threads(threads)
         if joined:
             torch.distributed.destroy_process_group()
     return 0

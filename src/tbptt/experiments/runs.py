@@ -10,8 +10,9 @@ import math
 import random
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -123,7 +124,9 @@ class RunSpec:
     """Everything one run needs; picklable, so it can cross to a worker process.
 
     ``seed`` seeds the model's initialisation (and any randomness in training); the task's data
-    are the same for every seed (``task_options`` fixes them).
+    are the same for every seed (``task_options`` fixes them). ``threads``: torch's intra-op
+    threads for the run (one by default: a small recurrent model's steps are too small to share,
+    and more threads only contend; benchmarks/README.md, "Threads").
     """
 
     task: str
@@ -142,6 +145,7 @@ class RunSpec:
     index: int = 0
     budget: Optional[str] = None
     probe_lags: Optional[int] = None
+    threads: int = 1
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -162,6 +166,7 @@ class RunSpec:
         positive_number(self.clip, "clip", none="no clipping; 0 on the command line")
         positive_int(self.segment_length, "segment_length", "steps per train_on call", "the whole split")
         positive_number(self.max_seconds, "max_seconds", "seconds", "no time budget")
+        positive_int(self.threads, "threads", "torch threads")
 
     @property
     def configuration(self) -> Configuration:
@@ -286,18 +291,25 @@ def failed_run(spec: RunSpec, error: str, started: Optional[float] = None) -> di
     }
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)``; the count before it is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(positive_int(count, "threads", "torch threads"))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_one(spec: RunSpec, emit: Optional[Callable[[tuple], None]] = None) -> dict[str, Any]:
     """Train one model under one configuration and seed; the run's JSON-able result.
 
-    The run uses one torch thread (restored afterwards), as in a sweep's worker processes: the
-    result is the same wherever it runs, and small recurrent models gain nothing from more.
+    The run uses ``spec.threads`` torch threads (restored afterwards), in this process as in a
+    sweep's worker processes; the result's ``threads`` is the count it ran with.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(spec, emit)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(spec.threads):
+        return {**_run(spec, emit), "threads": torch.get_num_threads()}
 
 
 def _run(spec: RunSpec, emit: Optional[Callable[[tuple], None]]) -> dict[str, Any]:

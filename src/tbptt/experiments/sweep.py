@@ -1,7 +1,7 @@
 """``compare``: run a task under several configurations and seeds in parallel, and report.
 
-Each (configuration, seed) is one ``run_one`` in a worker process (spawned, one torch thread
-each, seeded from the seed alone, so a run's result does not depend on ``jobs``). Finished runs
+Each (configuration, seed) is one ``run_one`` in a worker process (spawned, with the sweep's torch
+threads, one by default; seeded from the seed alone, so a run's result does not depend on ``jobs``). Finished runs
 are written to the report folder as they arrive; Ctrl-C stops the workers and keeps what finished.
 """
 
@@ -151,7 +151,7 @@ def compare(
     progress: bool = True,
     console: Any = None,
     distributed: bool = False,
-    probe_lags: Optional[int] = 50,
+    probe_lags: Optional[int] = 50, threads: int = 1,
     precision: str = "fp32",
 ) -> Comparison:
     """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..,model=..]"``) with
@@ -161,10 +161,11 @@ def compare(
     a key of ``tbptt.models.MODELS`` or ``"path/to/file.py:factory"``. When the configurations
     differ by model, each one's label names it (``"TBPTT(5,5) lru"``).
 
-    ``seeds``: a count (seeds 0..count-1) or a list. ``jobs``: worker processes (default: CPU
-    count, divided among this machine's ranks when distributed; at most one per run; 1 runs in
-    this process). ``target``: the validation metric for time-to-target, counted in each run's CPU
-    seconds (default: baseline + 90% of the best improvement seen). ``out``: the report folder
+    ``seeds``: a count (seeds 0..count-1) or a list. ``threads``: torch threads per run (default 1:
+    small recurrent models lose from more; benchmarks/README.md). ``jobs``: worker processes
+    (default: CPU count over ``threads``, shared by this machine's ranks when distributed; at most
+    one per run; 1 runs here). ``target``: the validation metric for time-to-target, in each run's
+    CPU seconds (default: baseline + 90% of the best improvement seen). ``out``: the report folder
     (results.csv/json, runs.csv, PNGs, report.html), rewritten as runs finish. Ctrl-C stops the
     sweep, writes what finished and returns with ``interrupted=True``.
 
@@ -176,17 +177,16 @@ def compare(
     the budget) for the answer's "why"; None skips it.
 
     ``distributed``: spread the runs over the ranks of an initialised ``torch.distributed`` process
-    group (e.g. processes started by torchrun on several machines); each rank runs its share with
-    ``jobs`` local workers, rank 0 gathers every run and writes the report, every rank returns
-    the whole comparison. A run's result depends only on its seed, so the outcome equals a local
-    sweep's.
+    group (e.g. started by torchrun on several machines); each rank runs its share with ``jobs``
+    local workers, rank 0 gathers every run and writes the report, every rank returns the whole
+    comparison. A run's result depends only on its seed: the outcome equals a local sweep's.
     """
     options = dict(epochs=epochs, budget=budget, strategy=strategy, hidden=hidden, model=model, lr=lr,
                    optimizer=optimizer, clip=clip, segment_length=segment_length, max_seconds=max_seconds,
-                   probe_lags=probe_lags, precision=precision,
+                   probe_lags=probe_lags, precision=precision, threads=threads,
                    task_options=tuple(sorted((task_options or {}).items())))
     specs, meta = _plan(task, configs, seeds, options)
-    jobs = default_jobs(distributed) if jobs is None else positive_int(jobs, "jobs", "worker processes")
+    jobs = default_jobs(distributed, threads) if jobs is None else positive_int(jobs, "jobs", "worker processes")
     rank, world = _ranks(distributed)
     # longest runs first, so that the last to finish is a short one (results keep spec order)
     ordered = sorted(specs, key=lambda s: -estimated_cost(s, meta["train_steps"]))[rank::world]
@@ -246,11 +246,11 @@ def _write_report(comparison: Comparison, out: Path) -> None:
     comparison.figure_errors = [caption for caption, p in images if p is None]
 
 
-def default_jobs(distributed: bool = False) -> int:
-    """Worker processes when none are asked for: one per CPU, shared among the ranks torchrun
-    started on this machine (``LOCAL_WORLD_SIZE``) when the sweep is distributed."""
+def default_jobs(distributed: bool = False, threads: int = 1) -> int:
+    """Worker processes when none are asked for: one per ``threads`` CPUs, shared among the ranks
+    torchrun started on this machine (``LOCAL_WORLD_SIZE``) when the sweep is distributed."""
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
-    return max(1, mp.cpu_count() // max(1, ranks_here))
+    return max(1, mp.cpu_count() // max(1, ranks_here) // max(1, threads))
 
 
 def _ranks(distributed: bool) -> tuple[int, int]:
