@@ -8,12 +8,12 @@ weights on the same streams with the same optimizer (plain SGD).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..engine import StreamEngine
-from ..schedule import TBPTT
+from ..schedule import TBPTT, Update
 from ..trainer import Trainer
 from .workloads import Workload, per_step_mse
 
@@ -205,22 +205,32 @@ def stored_bound_job(work: Workload, schedule: TBPTT) -> Job:
             outputs = copy.head(hidden[:, window - errors:])
             graphs[window, errors] = per_step_mse(outputs, work.targets[:, window - errors:window]).mean()
 
-        def run() -> None:
-            state = None
-            previous = 0
-            for u in updates:
-                outputs, state = model(work.inputs[:, previous:u.stop], state)
-                per_step_mse(outputs, work.targets[:, previous:u.stop]).mean()
-                state = tuple(h.detach() for h in state)
-                grads = torch.autograd.grad(graphs[u.window, u.errors], copy_params, retain_graph=True)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                optimizer.step()
-                previous = u.stop
+        def backward(u: Update) -> tuple[Optional[torch.Tensor], ...]:
+            return torch.autograd.grad(graphs[u.window, u.errors], copy_params, retain_graph=True)
 
-        return run, params
+        return _forward_once(work, model, optimizer, updates, backward), params
 
     return setup
+
+
+def _forward_once(work: Workload, model: torch.nn.Module, optimizer: torch.optim.Optimizer, updates: list[Update],
+                  backward: Callable[[Update], Sequence[Optional[torch.Tensor]]]) -> Callable[[], None]:
+    """The run of a stored bound: each block forward once with its graph and its errors' loss, the
+    state carried detached, then the update's gradient from ``backward`` and one optimizer step."""
+    params = list(model.parameters())
+
+    def run() -> None:
+        state, previous = None, 0
+        for u in updates:
+            outputs, state = model(work.inputs[:, previous:u.stop], state)
+            per_step_mse(outputs, work.targets[:, previous:u.stop]).mean()
+            state = tuple(h.detach() for h in state)
+            for p, g in zip(params, backward(u)):
+                p.grad = g
+            optimizer.step()
+            previous = u.stop
+
+    return run
 
 
 def stored_floor_job(work: Workload, schedule: TBPTT) -> Job:
@@ -260,18 +270,7 @@ def stored_floor_job(work: Workload, schedule: TBPTT) -> Job:
                 handed = got[len(copy_params):] if inner else None
             return total
 
-        def run() -> None:
-            state, previous = None, 0
-            for u in updates:
-                outputs, state = model(work.inputs[:, previous:u.stop], state)
-                per_step_mse(outputs, work.targets[:, previous:u.stop]).mean()
-                state = tuple(h.detach() for h in state)
-                for p, g in zip(params, window_backward(u.window // k1)):
-                    p.grad = g
-                optimizer.step()
-                previous = u.stop
-
-        return run, params
+        return _forward_once(work, model, optimizer, updates, lambda u: window_backward(u.window // k1)), params
 
     return setup
 
