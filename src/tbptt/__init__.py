@@ -27,6 +27,7 @@ from .experiments import Comparison, compare
 from .modelcheck import ModelContractError, ModelReport, check_model
 from .models import LRU, Mamba, MinGRU, MinLSTM, RecurrentNet
 from .memory import GraphMemoryError
+from .precision import PRECISIONS, LossScaler
 from .records import History, NonFiniteError, UpdateRecord, UpdateStats
 from .schedule import TBPTT, Update
 from .schedules import Schedule, parse_schedule
@@ -69,6 +70,8 @@ __all__ = [
     "StreamEngine",
     "UpdateResult",
     "STRATEGIES",
+    "PRECISIONS",
+    "LossScaler",
     "truncated_gradients",
     "detach",
     "reset_rows",

@@ -14,28 +14,32 @@ block, so those run one step per model call; the block's own steps keep their fu
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
 from . import state as st
 
+Factor = Union[float, Callable[[], float]]
+
 
 class _ScaleGradient(torch.autograd.Function):
-    """The identity, whose gradient is multiplied by ``factor``."""
+    """The identity, whose gradient is multiplied by ``factor`` (a number, or a function of none
+    called when the backward runs)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, factor: Factor) -> torch.Tensor:  # type: ignore[override]
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad * ctx.factor, None
+        return grad * (ctx.factor() if callable(ctx.factor) else ctx.factor), None
 
 
-def scale_gradient(state: st.State, factor: float) -> st.State:
-    """The same state, the gradient flowing back through each of its tensors multiplied by ``factor``."""
+def scale_gradient(state: st.State, factor: Factor) -> st.State:
+    """The same state, the gradient flowing back through each of its tensors multiplied by ``factor``
+    (a number, or a function of none read when the backward runs: float16's loss scale)."""
     return st.map_tensors(lambda x: _ScaleGradient.apply(x, factor) if x.requires_grad else x, state)
 
 

@@ -88,11 +88,11 @@ class DistributedTrainer(Trainer):
     Takes ``Trainer``'s arguments, ``group`` (None: the default group) and ``check_every``. At
     construction the ranks compare what they must agree on (the model's parameter names, shapes and
     dtypes; the optimizer's class and each group's hyper-parameters; clipping, schedule, errors,
-    strategy, non-finite rule, checkpointed segments) and fail with a ``DistributedError`` naming
-    the setting and the ranks; then rank 0's parameters and buffers are broadcast. Every
-    ``check_every`` updates (default 100; None: never) the ranks compare checksums of their
-    parameters, so that weights drifting apart (an optimizer or scheduler changed on one rank) stop
-    the run. Give each rank its own rows (``shard``) and the same validation split; every update is
+    strategy, non-finite rule, checkpointed segments, precision, compile) and fail with a
+    ``DistributedError`` naming the setting and the ranks; then rank 0's parameters and buffers are
+    broadcast. Every ``check_every`` updates (default 100; None: never) the ranks compare checksums
+    of their parameters, so that weights drifting apart (an optimizer or scheduler changed on one
+    rank) stop the run. Give each rank its own rows (``shard``) and the same validation split; every update is
     then the update one process would make with all the rows (``reduce``). ``fit`` checkpoints
     through rank 0 (``save_checkpoint``/``load_checkpoint``).
     """
@@ -307,7 +307,8 @@ class DistributedTrainer(Trainer):
                 facts[f"optimizer group {i} {key}"] = value.tolist() if isinstance(value, torch.Tensor) else value
         facts.update({"clip_grad_norm": self.clip_grad_norm, "schedule": str(self.schedule),
                       "errors": self.schedule.errors, "strategy": self.strategy, "nonfinite": self.nonfinite,
-                      "checkpoint_segments": self.engine.checkpoint_segments, "check_every": self.check_every})
+                      "checkpoint_segments": self.engine.checkpoint_segments, "check_every": self.check_every,
+                      "precision": self.precision, "compile": self.compiled})
         return facts
 
     def _agree(self, facts: dict[str, Any], rule: str) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Literal, Optional
+from typing import Any, Callable, ContextManager, Generator, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -147,6 +147,8 @@ class StreamEngine:
         self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums
         """How a measurement's sums over this process's rows become sums over all rows (data-parallel
         training sums them over the ranks)."""
+        self.autocast: Callable[[], ContextManager[Any]] = nullcontext
+        """The context every call of the model runs in (``Trainer(precision=...)`` sets ``torch.autocast``)."""
         self.forward_steps = 0
         self.backward_steps = 0
         self.measure_seconds = 0.0  # CPU seconds spent measuring (AdaptiveTBPTT)
@@ -354,7 +356,8 @@ class StreamEngine:
             if a in starts and state is not None:
                 assert resets is not None
                 state = self.reset_fn(state, resets[:, a])
-            out, state = call_model(self.model, inputs[:, a:b], state)
+            with self.autocast():
+                out, state = call_model(self.model, inputs[:, a:b], state)
             outputs.append(out)
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
 
@@ -393,7 +396,8 @@ class StreamEngine:
     def _call(
         self, inputs: torch.Tensor, state: st.State, weights: Optional[dict[str, torch.Tensor]] = None
     ) -> tuple[torch.Tensor, st.State]:
-        outputs, new_state = call_model(self.model, inputs, state, weights)
+        with self.autocast():
+            outputs, new_state = call_model(self.model, inputs, state, weights)
         shapes = st.shapes(new_state)
         if self._state_shapes is None:
             check_state_rows(self.model, new_state, inputs.shape[0])
@@ -479,7 +483,8 @@ class StreamEngine:
         errors = self._steps.slice(block, stop)
 
         def run(a: int, b: int, state: st.State) -> tuple[torch.Tensor, st.State]:
-            return call_model(self.model, self._steps.slice(a, b).inputs, self._enter(a, state))
+            with self.autocast():
+                return call_model(self.model, self._steps.slice(a, b).inputs, self._enter(a, state))
 
         def block_loss(outputs: torch.Tensor) -> torch.Tensor:
             losses = step_losses(self.loss_fn, outputs[:, block - start :], errors.targets, errors.mask)

@@ -26,7 +26,7 @@ from .engine import StreamEngine
 from .files import PathLike, check_writable
 from .memory import check_graph_memory
 from .records import History, UpdateRecord, UpdateStats
-from .saved import CheckpointError, Fields
+from .saved import CheckpointError, Fields, plain
 from .validate import InvalidArgument, non_negative_number, one_of, positive_int
 
 
@@ -160,7 +160,7 @@ class FitProgress:
         return cls(epoch=f.int("epoch"), piece=f.int("piece", high=pieces), best=f.number("best"),
                    bad_epochs=f.int("bad_epochs"), elapsed=f.number("elapsed", low=0.0, finite=True),
                    segment_length=f.int("segment_length", low=1, none=True), steps=f.int("steps", low=1),
-                   data=f.dict("data", none=True), spent=_spent(f))
+                   data=plain(f.dict("data", none=True), f.path("data")), spent=_spent(f))
 
 
 def _spent(f: Fields) -> dict:

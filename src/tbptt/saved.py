@@ -152,14 +152,25 @@ def like(value: Any, model: Any, where: str) -> Any:
 def nesting(value: Any, where: str) -> Any:
     """``value`` if it is a recurrent state: None, a tensor, a number or any nesting of tuples, lists
     and dicts of them."""
-    if value is None or isinstance(value, (torch.Tensor, bool, int, float)):
+    return _nested(value, where, (torch.Tensor, bool, int, float), "a state (tensors in tuples, lists or dicts)")
+
+
+def plain(value: Any, where: str) -> Any:
+    """``value`` if it is plain data: None, a bool, number or string, or lists and dicts of them (a
+    tensor in its place would make comparisons raise)."""
+    return _nested(value, where, (bool, int, float, str), "plain data (numbers, strings, lists, dicts)")
+
+
+def _nested(value: Any, where: str, leaves: tuple[type, ...], expected: str) -> Any:
+    """``value`` if it is None, one of ``leaves`` or any nesting of tuples, lists and dicts of them."""
+    if value is None or isinstance(value, leaves):
         return value
     if isinstance(value, Mapping):
         for k, v in value.items():
-            nesting(v, f"{where}[{k!r}]")
+            _nested(v, f"{where}[{k!r}]", leaves, expected)
         return value
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            nesting(v, f"{where}[{i}]")
+            _nested(v, f"{where}[{i}]", leaves, expected)
         return value
-    raise bad(where, "a state (tensors in tuples, lists or dicts)", value)
+    raise bad(where, expected, value)

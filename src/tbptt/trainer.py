@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ from .engine import ResetFn, Strategy, StreamEngine, UpdateResult, Updates
 from .fit import FitLoop, FitOptions, evaluate
 from .modelcheck import ModelContractError
 from .modelcheck import check_model as check_contract
+from .precision import PRECISIONS, LossScaler, Precision, autocast_for, float32_losses
+from .precision import precision_state, saved_loss_scale
 from .records import History, NonFiniteError, UpdateRecord
 from .safestep import (
     StepUndo,
@@ -38,7 +40,7 @@ from .safestep import (
 )
 from .saved import Fields
 from .schedules import Schedule
-from .validate import one_of, positive_int, positive_number
+from .validate import InvalidArgumentType, one_of, positive_int, positive_number
 
 NonFinite = Literal["skip", "raise"]
 _CHECKED_STEPS = 512  # steps of the first segment that check_model=True runs the checks on
@@ -68,6 +70,13 @@ class Trainer:
       ``train_on`` call's inputs (T >= 8 steps; its first 512 steps at most, from state None,
       with this trainer's ``reset_fn``) and raise ``ModelContractError``, with its report, if the
       model breaks the engine's contract. Runs once; the weights are untouched until it passes.
+    - ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the model's calls run under
+      ``torch.autocast`` at that dtype; weights, optimizer and losses stay float32. ``"fp16"`` scales
+      the loss (``loss_scaler``, GradScaler's rule); an update whose scaled gradient overflows is
+      skipped, with its reason, and the scale lowered (``tbptt.precision``; docs/reliability.md).
+    - ``compile``: compile the model's forward in place (``nn.Module.compile``; a dict: its options,
+      e.g. ``{"backend": "aot_eager"}``); pays on CPU for a Python loop over cells, not for nn.LSTM,
+      which dynamo runs eagerly (``benchmarks/results/compile-cpu.md``).
 
     Threads: the Trainer never changes torch's global thread count; run small recurrent models
     with ``torch.set_num_threads(1)`` (the ``tbptt`` commands do, ``--threads``). Their steps are
@@ -90,14 +99,26 @@ class Trainer:
         checkpoint_segments: Segments = None,
         *,
         check_model: bool = False,
+        precision: Precision = "fp32",
+        compile: Union[bool, dict[str, Any]] = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         positive_number(clip_grad_norm, "clip_grad_norm", none="no clipping")
         one_of(nonfinite, "nonfinite", ("skip", "raise"))
         one_of(check_model, "check_model", (False, True))
-        self.engine = StreamEngine(model, loss_fn, schedule, strategy, reset_fn, checkpoint_segments)
+        one_of(precision, "precision", PRECISIONS)
+        if not isinstance(compile, (bool, dict)):
+            raise InvalidArgumentType("compile", compile, "True, False or a dict of torch.compile's keyword arguments")
+        self.loss_scaler: Optional[LossScaler] = LossScaler() if precision == "fp16" else None
+        """float16's loss scale (None otherwise); saved with the trainer's ``state_dict``."""
+        losses = float32_losses(loss_fn, self.loss_scaler) if precision != "fp32" and callable(loss_fn) else loss_fn
+        self.engine = StreamEngine(model, losses, schedule, strategy, reset_fn, checkpoint_segments)
+        self.engine.autocast = autocast_for(model, precision)
         check_optimizer(optimizer, model)
+        if compile is not False:
+            model.compile(**({} if compile is True else compile))
+        self.precision, self.compiled = precision, compile
         self._undo = StepUndo(optimizer)
         self._check_pending = bool(check_model)
         self.model = model
@@ -214,21 +235,26 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "engine": self.engine.state_dict(),
             "trainer": {"updates_applied": self.updates_applied, "updates_skipped": self.updates_skipped},
+            "precision": precision_state(self.precision, self.loss_scaler),
         }
 
     def load_state_dict(self, saved: Any) -> None:
         """Continue from ``state_dict()``: the same schedule and strategy are required. Every field
         is checked (a ``CheckpointError`` naming a missing, mistyped or impossible one) before the
-        model changes."""
+        model changes. The same ``precision`` is required (a checkpoint without one was ``"fp32"``):
+        the stored strategy's kept activations are recomputed on loading, at this precision."""
         f = Fields(saved, "")
         checkpoint.check_model(f.raw("model"), self.model)
         counters = Fields(f.raw("trainer"), "trainer")
         applied, skipped = counters.int("updates_applied"), counters.int("updates_skipped")
+        scaler = saved_loss_scale(f, self.precision)
         check_optimizer_state(self.optimizer, f.raw("optimizer"))
         self.engine.load_state_dict(f.raw("engine"))
         load_optimizer(self.optimizer, f.raw("optimizer"))
         self.model.load_state_dict(saved["model"])
         self.updates_applied, self.updates_skipped = applied, skipped
+        if self.loss_scaler is not None and scaler is not None:
+            self.loss_scaler.load_state_dict(scaler)
 
     def fit(self, train: Any, epochs: Optional[int] = None, valid: Any = None, **options: Any) -> History:
         """Train for ``epochs`` passes over ``train`` (a ``tbptt.data.Split`` or a tuple
@@ -302,7 +328,7 @@ class Trainer:
 
     def _apply(self, result: UpdateResult, started: float) -> UpdateRecord:
         record = apply_update(self.reduce(result), result.params or self.engine.named_parameters(), self.optimizer,
-                              self.clip_grad_norm, self.nonfinite, started, self._undo)
+                              self.clip_grad_norm, self.nonfinite, started, self._undo, self.loss_scaler)
         if record.skipped:
             self.updates_skipped += 1
         else:
@@ -321,6 +347,7 @@ def apply_update(
     nonfinite: NonFinite,
     started: float,
     undo: Optional[StepUndo] = None,
+    scaler: Optional[LossScaler] = None,
 ) -> UpdateRecord:
     """Apply one update's gradient to the parameters ``named`` with one ``optimizer.step()``, or
     skip it: the record says which and why (a non-finite loss, gradient or updated weight, no valid
@@ -336,11 +363,15 @@ def apply_update(
     ``optimizer`` is a torch optimizer, or a wrapper of one that owns the step (Lightning's);
     ``undo``: a ``StepUndo`` of it kept between updates (its buffers and its bound on the weights
     are reused; None makes one). ``started``: the ``time.perf_counter()`` at which the update's work
-    began, for the record's wall time. ``Trainer`` applies every update with it.
+    began, for the record's wall time. ``scaler``: float16's ``LossScaler``, whose scale the gradient
+    was computed at: it is divided out first, and the scale updated once the gradient is known
+    finite or not (``LossScaler.after_update``). ``Trainer`` applies every update with it.
     """
     undo = undo or StepUndo(optimizer)
     params = [p for _, p in named]
     device = result.loss.device
+    if scaler is not None:
+        scaler.unscale(result.grads)
     norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
     rate = sgd_rate(optimizer)
     checked = None
@@ -351,9 +382,10 @@ def apply_update(
         reason = _refusal(*checked, True, "")
         if not reason and undo.take_bounded_step(rate, min(checked[1], clip_grad_norm or math.inf), params):
             overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
-            return _record(result, checked[0], checked[1], started, _refusal(*checked, True, overflow), nonfinite)
+            return _record(result, checked[0], checked[1], started, _refusal(*checked, True, overflow), nonfinite,
+                           scaler=scaler)
         if reason:
-            return _record(result, checked[0], checked[1], started, reason, nonfinite, stepped=False)
+            return _record(result, checked[0], checked[1], started, reason, nonfinite, stepped=False, scaler=scaler)
     undo.save(params)
     overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
     weights = weights_norm(params).to(device)
@@ -366,17 +398,22 @@ def apply_update(
     reason = _refusal(loss_value, norm_value, valid, finite, overflow)
     if reason:
         undo.restore()
-    return _record(result, loss_value, norm_value, started, reason, nonfinite)
+    return _record(result, loss_value, norm_value, started, reason, nonfinite, scaler=scaler)
 
 
 def _record(result: UpdateResult, loss_value: float, norm_value: float, started: float, reason: str,
-            nonfinite: NonFinite, stepped: bool = True) -> UpdateRecord:
-    """The update's record; a refused update (its step undone, or not ``stepped``) is skipped, or raised."""
+            nonfinite: NonFinite, stepped: bool = True, scaler: Optional[LossScaler] = None) -> UpdateRecord:
+    """The update's record; a refused update (its step undone, or not ``stepped``) is skipped, or raised.
+    Every update passes here once: float16's loss scale is updated here."""
+    tolerated = reason == "no valid steps"  # skipped even under nonfinite="raise"
+    if scaler is not None:
+        reason, overflowed = scaler.after_update(reason, math.isfinite(norm_value))
+        tolerated = tolerated or overflowed
     u = result.update
     if not reason:
         return UpdateRecord(u.start, u.loss_start, u.stop, loss_value, norm_value, time.perf_counter() - started,
                             k2=result.k2)
-    if nonfinite == "raise" and reason != "no valid steps":
+    if nonfinite == "raise" and not tolerated:
         raise NonFiniteError(
             f"{reason} at stream step {u.stop} (window [{u.start}, {u.stop})): loss {loss_value}, gradient "
             f"norm {norm_value}; {'the step was undone' if stepped else 'no step was taken'}: the weights and the "

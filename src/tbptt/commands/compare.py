@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 args.task, args.config, args.seeds, epochs=args.epochs, budget=budget, strategy=args.strategy,
                 hidden=args.hidden, model=args.model, lr=args.lr, optimizer=args.optimizer, clip=args.clip or None,
                 segment_length=args.segment_length, max_seconds=args.max_seconds, task_options=options,
+                precision=args.precision,
                 target=args.target, jobs=args.jobs, out=Path(args.out or f"tbptt-report/{args.task}"),
                 progress=not args.no_progress, console=console, distributed=distributed, threads=args.threads,
             )

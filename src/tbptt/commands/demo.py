@@ -23,7 +23,7 @@ from ..files import check_writable
 from ..validate import positive_int
 from .compare import print_comparison
 from .console import heading, make_console
-from .options import add_threads_option, check_threads, print_error, using_threads
+from .options import add_precision_option, add_threads_option, check_threads, print_error, using_threads
 
 DELAY = 5
 
@@ -82,6 +82,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", action="append", default=[], metavar="CONFIG",
                    help="also run this configuration on each task, e.g. artbp:10,30 or adaptive:4@tolerance=0.05 "
                    "(repeatable)")
+    add_precision_option(p)
     p.set_defaults(func=run, parser=p)
 
 
@@ -120,10 +121,15 @@ def run(args: argparse.Namespace) -> int:
     done: list[tuple[DemoPart, Any]] = []
     for part in QUICK if args.quick else PARTS:
         heading(console, f"{part.task}: {part.note}" if part.note else part.task)
-        with using_threads(args):
-            comparison = compare(part.task, list(part.configs) + list(args.config), args.seeds,
-                                 budget=_part_budget(part, args.budget), task_options=part.task_options,
-                                 jobs=args.jobs, out=out / part.task, console=console, threads=args.threads)
+        try:
+            with using_threads(args):
+                comparison = compare(part.task, list(part.configs) + list(args.config), args.seeds,
+                                     budget=_part_budget(part, args.budget), task_options=part.task_options,
+                                     jobs=args.jobs, out=out / part.task, console=console, threads=args.threads,
+                                     precision=args.precision)
+        except ValueError as exc:  # a precision the task's model cannot run at
+            print_error(exc, args.parser)
+            return 2
         print_comparison(console, comparison)
         if comparison.report is not None:
             done.append((part, comparison))

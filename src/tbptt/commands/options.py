@@ -16,6 +16,7 @@ from ..data import task_options as accepted
 from ..engine import STRATEGIES
 from ..experiments.runs import MODEL_NAMES, OPTIMIZERS, torch_threads
 from ..models import model_spec
+from ..precision import PRECISIONS
 from ..validate import (
     InvalidArgument,
     non_negative_number,
@@ -64,6 +65,14 @@ def add_run_options(p: argparse.ArgumentParser, epochs: Optional[int] = 10) -> N
                    "default) or stored as first computed (Williams & Peng)")
     p.add_argument("--segment-length", type=int, default=None, metavar="STEPS",
                    help="steps per train_on call (default: the whole split in one call)")
+    add_precision_option(p)
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    """``--precision {fp32,bf16,fp16}``: the dtype the model's forward runs at (``Trainer(precision=)``)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the model's forward under torch.autocast at bf16 or fp16 (fp16 with a loss scale); weights, "
+                   "optimizer and losses stay float32 (default fp32; on CPU bf16 is usually slower for small models)")
 
 
 DEFAULT_THREADS = 1

@@ -16,6 +16,7 @@ from ..files import check_writable
 from ..trainer import Trainer
 from ..validate import fraction, positive_int
 from .console import make_console
+from ..precision import autocast_for
 from .options import (
     add_run_options,
     add_threads_option,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                              f"{args.task!r} has {split.steps} steps: lower --max-lag or lengthen the task")
         torch.manual_seed(args.seed)
         model = model_for(task, args.model, args.hidden)
+        autocast_for(model, args.precision)  # a precision the model cannot train at fails here
     except (TypeError, ValueError) as exc:
         print_error(exc, args.parser)
         return 2
@@ -97,7 +99,7 @@ def _probe(args: argparse.Namespace, task: Any, model: Any, schedule: Any, split
 
     profiles = {"untrained": probe()}
     trainer = Trainer(model, task.loss_fn, OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr), schedule,
-                      strategy=args.strategy, clip_grad_norm=args.clip or None)
+                      strategy=args.strategy, clip_grad_norm=args.clip or None, precision=args.precision)
     history = trainer.fit(task.train, epochs=args.epochs, valid=task.valid, metric=task.metric, progress=None,
                           segment_length=args.segment_length)
     metric = history.epochs[-1].get("valid_metric", float("nan"))

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             kind = tdist.DistributedTrainer if distributed else Trainer
             strategy = config.strategy or args.strategy
             trainer = kind(model, task.loss_fn, optimizer, schedule, strategy=strategy,
-                           clip_grad_norm=config.clip or args.clip or None, check_model=args.check_model)
+                           clip_grad_norm=config.clip or args.clip or None, check_model=args.check_model,
+                           precision=args.precision)
             train = trainer.shard(task.train) if distributed else task.train
             console.print(f"{task.description}: {model_name}, {schedule}, {strategy}, "
                           f"{train.batch_size * world} streams{f' over {world} ranks' if distributed else ''}")

@@ -21,6 +21,7 @@ from ..data import load_task
 from ..diagnostics import grad_norm_summary, gradient_vs_lag, roughness
 from ..engine import STRATEGIES
 from ..models import MODELS, model_spec
+from ..precision import PRECISIONS, autocast_for
 from ..schedules import SCHEDULE_OPTIONS, Schedule, nominal_k2, parse_schedule, window_kind
 from ..trainer import Trainer
 from ..validate import (
@@ -145,10 +146,12 @@ class RunSpec:
     budget: Optional[str] = None
     probe_lags: Optional[int] = None
     threads: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         Configuration.parse(self.config)  # a bad configuration string fails here, with its message
         one_of(self.strategy, "strategy", STRATEGIES)
+        one_of(self.precision, "precision", PRECISIONS)
         positive_int(self.epochs, "epochs", none="until the budget runs out")
         if self.budget is not None:
             object.__setattr__(self, "budget", str(Budget.parse(self.budget)))
@@ -195,15 +198,16 @@ def model_for(task: Any, model: str, hidden: int) -> Any:
 def check_models(specs: Sequence[RunSpec]) -> None:
     """Build, once each, the users' models the runs name (``path/to/file.py:factory``), so that a file
     that cannot be imported or a factory that returns the wrong thing fails now (``model_for``'s
-    ValueError), rather than in every run."""
+    ValueError), rather than in every run; and, under a precision other than fp32, every model, so
+    that one that cannot run at it fails now (``InvalidArgument`` naming ``precision``)."""
     files = {}
     for spec in specs:
-        files.setdefault(spec.settings()["model"], spec)
+        files.setdefault((spec.settings()["model"], spec.precision), spec)
     task = None
-    for model, spec in files.items():
-        if model not in MODELS:
+    for (model, precision), spec in files.items():
+        if model not in MODELS or precision != "fp32":
             task = task or load_task(spec.task, **dict(spec.task_options))
-            model_for(task, model, spec.hidden)
+            autocast_for(model_for(task, model, spec.hidden), precision)
 
 
 def _thin(values: list, keep: int) -> tuple[list, list[int]]:
@@ -342,7 +346,7 @@ def _train(spec: RunSpec, task: Any, emit: Optional[Callable[[tuple], None]]) ->
     model = model_for(task, settings["model"], spec.hidden)
     optimizer = OPTIMIZERS[spec.optimizer](model.parameters(), lr=settings["lr"])
     trainer = Trainer(model, task.loss_fn, optimizer, settings["schedule"], strategy=settings["strategy"],
-                      clip_grad_norm=settings["clip"])
+                      clip_grad_norm=settings["clip"], precision=spec.precision)
     meter = GraphMemory()
     clock = _EpochClock(cpu_started)
     callbacks = [clock] + ([_ProgressEvents(emit, spec.index, task.train.steps)] if emit is not None else [])

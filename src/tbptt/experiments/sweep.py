@@ -152,6 +152,7 @@ def compare(
     console: Any = None,
     distributed: bool = False,
     probe_lags: Optional[int] = 50, threads: int = 1,
+    precision: str = "fp32",
 ) -> Comparison:
     """Train ``task`` under each configuration (``"K1,K2[@lr=..,clip=..,strategy=..,model=..]"``) with
     each seed and summarise skill, stability and speed per configuration.
@@ -170,9 +171,10 @@ def compare(
 
     ``budget``: what each run may spend, ``"epochs:N"``, ``"cpu:SECONDS"`` (of training) or
     ``"backward:STEPS"`` (``tbptt.budget``); without one, ``epochs`` epochs (default 10); with one,
-    ``epochs`` caps it. ``max_seconds``: a wall-clock limit on top. ``probe_lags``: on a task whose
-    dependency length is unknown, the first seed's runs probe their trained model's gradient
-    against lag (``gradient_vs_lag``, outside the budget) for the answer's "why"; None skips it.
+    ``epochs`` caps it. ``max_seconds``: a wall-clock limit on top. ``precision``: each run's
+    ``Trainer(precision=...)``. ``probe_lags``: on a task whose dependency length is unknown, the
+    first seed's runs probe their trained model's gradient against lag (``gradient_vs_lag``, outside
+    the budget) for the answer's "why"; None skips it.
 
     ``distributed``: spread the runs over the ranks of an initialised ``torch.distributed`` process
     group (e.g. started by torchrun on several machines); each rank runs its share with ``jobs``
@@ -181,7 +183,8 @@ def compare(
     """
     options = dict(epochs=epochs, budget=budget, strategy=strategy, hidden=hidden, model=model, lr=lr,
                    optimizer=optimizer, clip=clip, segment_length=segment_length, max_seconds=max_seconds,
-                   probe_lags=probe_lags, task_options=tuple(sorted((task_options or {}).items())), threads=threads)
+                   probe_lags=probe_lags, precision=precision, threads=threads,
+                   task_options=tuple(sorted((task_options or {}).items())))
     specs, meta = _plan(task, configs, seeds, options)
     jobs = default_jobs(distributed, threads) if jobs is None else positive_int(jobs, "jobs", "worker processes")
     rank, world = _ranks(distributed)
@@ -189,14 +192,7 @@ def compare(
     ordered = sorted(specs, key=lambda s: -estimated_cost(s, meta["train_steps"]))[rank::world]
     out_path = Path(out) if out is not None and rank == 0 else None
     results: dict[int, Run] = {}
-
-    def finished(run: Run) -> None:
-        results[run["index"]] = run
-        if out_path is not None:
-            done = [results[i] for i in sorted(results)]
-            rows, used = summarize(done, meta["baseline"], meta["higher_is_better"], target)
-            write_results(out_path, {**meta, "target": used, "partial": len(done) < len(specs)}, rows, done)
-
+    finished = _keeper(results, out_path, meta, len(specs), target)
     names = {spec.index: f"{spec.configuration} seed {spec.seed}" for spec in ordered}
     bar = SweepProgress(progress and rank == 0, len(ordered), names, console)
     interrupted = _execute(ordered, jobs, bar, finished)
@@ -209,6 +205,21 @@ def compare(
     if out_path is not None:
         _write_report(comparison, out_path)
     return comparison
+
+
+def _keeper(results: dict[int, Run], out_path: Optional[Path], meta: dict[str, Any], runs: int,
+            target: Optional[float]) -> Callable[[Run], None]:
+    """What to do with each finished run: keep it in ``results`` and, with ``out_path``, rewrite the
+    results files with every run finished so far (of ``runs``)."""
+
+    def finished(run: Run) -> None:
+        results[run["index"]] = run
+        if out_path is not None:
+            done = [results[i] for i in sorted(results)]
+            rows, used = summarize(done, meta["baseline"], meta["higher_is_better"], target)
+            write_results(out_path, {**meta, "target": used, "partial": len(done) < runs}, rows, done)
+
+    return finished
 
 
 def _execute(specs: list[RunSpec], jobs: int, bar: SweepProgress, finished: Callable[[Run], None]) -> bool:
