@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data",)),
     ("engine", ("stream_state", "stored", "checkpointing", "compensation", "lagscan", "engine", "memory", "gradients")),
     ("model check", ("modelcheck",)),
-    ("trainer", ("records", "budget", "checkpoint", "safestep", "precision", "fit", "trainer")),
+    ("trainer", ("records", "budget", "checkpoint", "safestep", "precision", "update", "fit", "trainer")),
     ("diagnostics", ("diagnostics",)),
     ("experiments", ("experiments",)),
     ("integrations", ("distributed", "lightning")),

@@ -214,7 +214,7 @@ class GradientSeen(Callback):
         self.norms = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.norms.append(float(tbptt.trainer.total_norm([p.grad for p in pl_module.parameters()])))
+        self.norms.append(float(tbptt.safestep.total_norm([p.grad for p in pl_module.parameters()])))
 
 
 def test_logged_values_reach_the_csv_logger_and_hooks_see_each_update(tmp_path):

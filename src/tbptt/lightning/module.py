@@ -1,7 +1,7 @@
 """``TBPTTModule``: TBPTT(k1, k2) as a LightningModule, run by the engine under manual optimization.
 
 Each ``training_step`` feeds the next segment of the B streams to a ``StreamEngine`` and applies
-every update that closes inside it with ``tbptt.trainer.apply_update`` (finite checks, clipping,
+every update that closes inside it with ``tbptt.update.apply_update`` (finite checks, clipping,
 records: what ``Trainer.train_on`` does) through Lightning's optimizer, so that Lightning counts
 each update as a step and its hooks, loggers, callbacks and strategy see it. The engine computes
 gradients with ``torch.autograd.grad`` on the module itself, never through a strategy's wrapper:
@@ -32,7 +32,7 @@ from ..distributed import combine_ranks, merge_streams, shard_streams, streams_t
 from ..engine import ResetFn, StreamEngine, Strategy, UpdateResult
 from ..records import UpdateRecord
 from ..schedules import Schedule
-from ..trainer import NonFinite, apply_update
+from ..update import NonFinite, apply_update
 from ..validate import one_of, positive_number
 from .checks import as_segment, check_loaders, check_parts, check_trainer
 from .loader import SegmentBatch
