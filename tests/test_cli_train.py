@@ -72,7 +72,7 @@ def test_under_torchrun_two_ranks_train_as_one_process_and_rank_zero_alone_print
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), "-m", "tbptt", "train", *SMALL, "--epochs", "2",
-               "--log-file", str(tmp_path / "ranks.jsonl"), "--checkpoint", str(tmp_path / "ranks.pt"), "--timeout", "30"]
+               "--log-file", str(tmp_path / "ranks.jsonl"), "--checkpoint", str(tmp_path / "ranks.pt"), "--timeout", "120"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test accuracy") == 1
