@@ -134,6 +134,12 @@ def test_plain_sgd_never_steps_on_a_refused_update_and_its_bound_covers_every_st
     (record,) = trainer.train_on(bad, y[:, 4:8])
     assert record.skipped and record.reason in ("non-finite loss", "non-finite gradient")
     assert same(before[0], snapshot(trainer)[0])
+    with torch.no_grad():  # weights changed between calls (a load, an edit): the bound is measured again
+        for p in trainer.model.parameters():
+            p.mul_(1000)
+    trainer.train_on(x[:, 12:], y[:, 12:])
+    weights = torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in trainer.model.parameters()]))
+    assert trainer._undo.bound is None or trainer._undo.bound >= float(weights)
     params = list(trainer.model.parameters())
     undo = trainer._undo
     largest = torch.finfo(torch.float32).max

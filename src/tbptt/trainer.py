@@ -200,6 +200,7 @@ class Trainer:
     def _make(self, updates: Updates, max_updates: Optional[int]) -> list[UpdateRecord]:
         """Apply the updates one by one until they end, ``max_updates`` are made or the budget stops."""
         self.model.train()
+        self._undo.bound = None  # the weights may have been changed since the last call: measure them again
         records: list[UpdateRecord] = []
         meter = self.budget if self.budget is not None and self.budget.stops_updates else None
         started = time.perf_counter()
@@ -306,6 +307,7 @@ class Trainer:
         with ``flush=False`` its steps are dropped without an update.
         """
         records: list[UpdateRecord] = []
+        self._undo.bound = None
         if flush:
             started = time.perf_counter()
             for result in self.engine.finish():
@@ -331,4 +333,5 @@ class Trainer:
         self.after_update(record)
         if self.on_record is not None:
             self.on_record(record)
+            self._undo.bound = None  # a callback may have changed the weights
         return record
