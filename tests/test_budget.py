@@ -154,3 +154,17 @@ def test_train_on_stops_where_its_budget_says_and_train_pending_finishes_the_cal
     assert len(first) + len(rest) == straight.updates_applied
     for a, b in zip(straight.model.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("budget", [None, "epochs:2", "backward:100000"])
+def test_training_cpu_is_counted_whatever_the_budget(budget):
+    """Every run counts its training CPU time (what equal-cost comparisons and the answer read),
+    not only runs whose budget is CPU time: an epochs budget once recorded 0 s."""
+    torch.set_num_threads(1)
+    x, y = make_data(3, 4, 200)
+    trainer = new_trainer(2, 8, "recompute")
+    started = time.process_time()
+    history = trainer.fit((x, y), epochs=None if budget else 2, budget=budget, segment_length=50)
+    used = time.process_time() - started
+    spent = [e["train_cpu"] for e in history.epochs]
+    assert 0 < spent[0] < spent[-1] <= used  # cumulative, and no more than the whole fit took

@@ -202,14 +202,15 @@ class Trainer:
         self.model.train()
         self._undo.bound = None  # the weights may have been changed since the last call: measure them again
         records: list[UpdateRecord] = []
-        meter = self.budget if self.budget is not None and self.budget.stops_updates else None
+        meter = self.budget  # counts the training's cost whatever the budget; stops only a counted one
+        stops = meter is not None and meter.stops_updates
         started = time.perf_counter()
         try:
             with updates, (meter.training() if meter is not None else nullcontext()):
                 if meter is not None:
                     meter.mark()
                 while max_updates is None or len(records) < max_updates:
-                    if meter is not None and self.agree_to_stop(meter.should_stop()):
+                    if stops and self.agree_to_stop(meter.should_stop()):
                         break
                     result = next(updates, None)
                     if result is None:
