@@ -490,3 +490,25 @@ def test_a_rank_whose_peers_never_join_gets_a_distributed_error(monkeypatch):
     with pytest.raises(tbptt.DistributedError, match=r"rank 0 of 2: joining the process group .* failed within 1 s"):
         tbptt.init_from_env("gloo", timeout=1)
     assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float32])
+def test_plain_sgd_on_float16_weights_never_keeps_an_overflow(grad_dtype):
+    """The bound takes the narrowest weight dtype's range, and a gradient of a wider dtype than its
+    weight (ranks' averaging promotes it) is checked after the step: either overflow is undone."""
+    import time as clock
+
+    from tbptt.engine import UpdateResult
+    from tbptt.safestep import StepUndo
+    from tbptt.schedule import Update
+    from tbptt.update import apply_update
+
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    optimizer = torch.optim.SGD([a, b], lr=1000.0 if grad_dtype == torch.float16 else 0.01)
+    grads = {"a": torch.zeros(3), "b": torch.full((3,), 100.0 if grad_dtype == torch.float16 else 1e5, dtype=grad_dtype)}
+    result = UpdateResult(Update(0, 0, 1), torch.tensor(1.0), grads, torch.tensor(1))
+    record = apply_update(result, [("a", a), ("b", b)], optimizer, None, "skip", clock.perf_counter(),
+                          StepUndo(optimizer))
+    assert record.skipped and "non-finite weights" in record.reason
+    assert torch.equal(b.detach(), torch.zeros(3, dtype=torch.float16)) and torch.isfinite(a).all()

@@ -94,8 +94,13 @@ class StepUndo:
             self.bound = value if math.isfinite(value) else None
         if self.bound is None or not params:
             return False
-        limit = torch.finfo(params[0].dtype).max / 4 if params[0].is_floating_point() else 0.0
-        grown = sgd_step_bound(self.bound, rate, step_norm)
+        dtypes = {p.dtype for p in params}
+        if not all(d.is_floating_point for d in dtypes):
+            return False
+        # the narrowest dtype's range, and a margin above the coarsest one's rounding
+        limit = min(torch.finfo(d).max for d in dtypes) / 4
+        margin = max(1e-3, 2 * max(torch.finfo(d).eps for d in dtypes))
+        grown = sgd_step_bound(self.bound, rate, step_norm, margin)
         if not grown < limit:
             self.bound = None  # the next update measures the weights again
             return False
@@ -137,6 +142,7 @@ class StepUndo:
                     del state[p]
         with torch.no_grad():
             torch._foreach_copy_(self._tensors, self._copies)
+        self._saved = False  # restored once: the copies are of no later step
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -170,11 +176,11 @@ def sgd_rate(optimizer: Any) -> Optional[float]:
     return max(rates, default=0.0)
 
 
-def sgd_step_bound(weights_norm: float, rate: float, step_norm: float) -> float:
+def sgd_step_bound(weights_norm: float, rate: float, step_norm: float, margin: float = 1e-3) -> float:
     """A bound on the largest weight after an SGD step: no element exceeds the weights' 2-norm
     before it plus ``rate`` times the gradient's 2-norm (each element is at most the 2-norm of its
-    tensor), with a margin for the rounding of both norms and of the step."""
-    return (weights_norm + rate * step_norm) * (1 + 1e-3)
+    tensor), with a relative ``margin`` for the rounding of both norms and of the step."""
+    return (weights_norm + rate * step_norm) * (1 + margin)
 
 
 def weights_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -55,7 +55,8 @@ def apply_update(
     if scaler is not None:
         scaler.unscale(result.grads)
     norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
-    rate = sgd_rate(optimizer)
+    # a gradient cast to a narrower weight dtype in the step could overflow where its norm did not
+    rate = sgd_rate(optimizer) if all((g := result.grads[n]) is None or g.dtype == p.dtype for n, p in named) else None
     checked = None
     if rate is not None:
         # plain SGD: the sync before the step, so that a refused update is never stepped and a
@@ -80,6 +81,7 @@ def apply_update(
     reason = _refusal(loss_value, norm_value, valid, finite, overflow)
     if reason:
         undo.restore()
+        undo.bound = None  # measured on the step undone, not on the weights put back
     return _record(result, loss_value, norm_value, started, reason, nonfinite, scaler=scaler)
 
 
