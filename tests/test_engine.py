@@ -146,3 +146,17 @@ def test_stored_segments_no_window_reaches_are_freed_and_keep_the_weights_they_r
     for segment in trainer.engine._segments:  # snapshots, not the live weights, which moved on since
         assert any(not torch.equal(segment.weights[n], p) for n, p in model.named_parameters())
         assert all(segment.weights[n].data_ptr() != p.data_ptr() for n, p in model.named_parameters())
+
+
+def test_a_stored_segment_backpropagates_with_the_buffers_and_weights_its_block_ran_with():
+    from tbptt.stored import WeightSnapshot
+
+    weight, buffer = torch.nn.Parameter(torch.ones(3)), torch.ones(3)
+    snapshot = WeightSnapshot([("weight", weight)], [buffer])
+    with snapshot.hooks():
+        y = (weight * buffer * weight).sum()
+    with torch.no_grad():
+        buffer.mul_(5)  # a running statistic updated after the segment ran
+        weight.mul_(3)  # an optimizer step
+    (grad,) = torch.autograd.grad(y, weight)
+    assert torch.equal(grad, torch.full((3,), 2.0))  # 2 * buffer * weight as they were

@@ -530,7 +530,9 @@ class StreamEngine:
     def _stored_block(self, update: Update) -> UpdateResult:
         previous, stop = self.previous, update.stop
         named = self.named_parameters()
-        weights = WeightSnapshot(named)
+        trainable = {id(p) for _, p in named}
+        weights = WeightSnapshot(named, [p for p in self.model.parameters() if id(p) not in trainable]
+                                 + list(self.model.buffers()))
         cuts = self._cuts(previous, stop, *self.plan.starts_in(previous, stop))
         prior: st.State = self._segments[-1].out_state if self._segments else self._states[previous]
         for a, b in zip(cuts[:-1], cuts[1:]):

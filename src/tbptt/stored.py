@@ -10,7 +10,11 @@ first, handing the gradient of each segment's entering state to the segment befo
 
 What a model must do for this: save what its backward needs the way autograd sees it (its own
 operations, or ``ctx.save_for_backward`` in a custom ``autograd.Function``, as torch requires); a
-weight stashed on ``ctx`` by hand would be read after the optimizer changed it.
+weight stashed on ``ctx`` by hand would be read after the optimizer changed it. Weights and buffers
+are copied when the block starts: a forward that edits its own weights in place (a clamp) before
+using them is backpropagated with the values before the edit, and a tensor that is neither a
+weight nor a buffer, changed in place after a segment saved it, is read as changed (autograd's
+in-place check is off under the hook).
 """
 
 from __future__ import annotations
@@ -44,16 +48,20 @@ class WeightSnapshot:
     """The values of a block's weights, copied once, and a saved-tensors hook (``pack``) that
     saves any tensor on a weight's memory as the same view of the copy."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, named: list[tuple[str, torch.Tensor]], others: list[torch.Tensor] = ()) -> None:
+        """``named``: the trainable weights (``values`` holds their copies); ``others``: frozen
+        weights and buffers, copied too, so that a later in-place change of one (a running
+        statistic) cannot reach a backward that saved it."""
         self.params = dict(named)  # the weights themselves: what gradients are taken with respect to
         self._storages: dict[int, torch.UntypedStorage] = {}
         self.values: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, p in named:
+            for name, p in [*named, *(("", t) for t in others)]:
                 key = p.untyped_storage().data_ptr()
                 if key not in self._storages:  # weights sharing memory (tied, flattened) share a copy
                     self._storages[key] = p.untyped_storage().clone()
-                self.values[name] = self._view(p, self._storages[key])
+                if name:
+                    self.values[name] = self._view(p, self._storages[key])
 
     @staticmethod
     def _view(t: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor:
