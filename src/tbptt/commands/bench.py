@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="CI-sized run, about 20 s on one CPU thread (default)")
+                      help="CI-sized run, about 30 s on one CPU thread (default)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="the README table: B=32, hidden 256, n=1000 (minutes on a CPU)")
     p.set_defaults(preset="quick")
