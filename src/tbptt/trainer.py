@@ -246,7 +246,15 @@ class Trainer:
         applied, skipped = counters.int("updates_applied"), counters.int("updates_skipped")
         scaler = saved_loss_scale(f, self.precision)
         check_optimizer_state(self.optimizer, f.raw("optimizer"))
-        self.engine.load_state_dict(f.raw("engine"))
+        # the model first, so that kept stored segments are rebuilt with its saved buffers (and put
+        # back as they were if the streams are refused); again after, since rebuilding ran forward
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(saved["model"])
+        try:
+            self.engine.load_state_dict(f.raw("engine"))
+        except BaseException:
+            self.model.load_state_dict(before)
+            raise
         load_optimizer(self.optimizer, f.raw("optimizer"))
         self.model.load_state_dict(saved["model"])
         self.updates_applied, self.updates_skipped = applied, skipped
