@@ -16,7 +16,21 @@ def per_step_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (outputs - targets).pow(2).mean(dim=-1)
 
 
-class Workload:
+class _Training:
+    """What every workload trains with: plain SGD at its ``lr``, on its ``device``."""
+
+    lr: float
+    device: torch.device
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class Workload(_Training):
     """One model's initial weights and ``batch`` streams of ``n`` steps (inputs and regression
     targets), shared by every contender of a row; seeded, so every row sees the same numbers."""
 
@@ -41,12 +55,6 @@ class Workload:
         model.load_state_dict(self.weights)
         return model
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 class WordLM(nn.Module):
@@ -70,7 +78,7 @@ def token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.T
     return nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-class WordLMWorkload:
+class WordLMWorkload(_Training):
     """The word-LM configuration (Zaremba et al.'s small setting as pytorch/examples trains it): a
     synthetic stream of ``vocab`` token ids in ``batch`` rows, SGD at lr 20 with the gradient norm
     clipped to 0.25, dropout 0.2. Same interface as ``Workload``."""
@@ -97,9 +105,3 @@ class WordLMWorkload:
         model.load_state_dict(self.weights)
         return model
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
