@@ -90,7 +90,7 @@ class StepUndo:
         (after clipping) provably leaves every weight finite, so that it needs no copy before it and
         no check after it (``sgd_step_bound``); if so, the bound on the weights grows by the step."""
         if self.bound is None:
-            value = float(weights_norm(params))  # once, and after any step that was checked instead
+            value = float(total_norm(params))  # once, and after any step that was checked instead
             self.bound = value if math.isfinite(value) else None
         if self.bound is None or not params:
             return False
@@ -181,24 +181,6 @@ def sgd_step_bound(weights_norm: float, rate: float, step_norm: float, margin: f
     before it plus ``rate`` times the gradient's 2-norm (each element is at most the 2-norm of its
     tensor), with a relative ``margin`` for the rounding of both norms and of the step."""
     return (weights_norm + rate * step_norm) * (1 + margin)
-
-
-def weights_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all weights together (a 0-d tensor, no host sync): finite exactly when every
-    weight is, unless their magnitudes pass the square root of the dtype's largest (``all_finite``
-    tells those apart, run only then)."""
-    return total_norm(params)
-
-
-def finite_weights(params: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: whether every weight is finite, without a host sync. The test is the
-    weights' 2-norm (one fused pass; any inf or NaN makes it non-finite), ~20x faster than an
-    elementwise test; a norm that overflows with finite weights (magnitudes past the square root of
-    the dtype's largest) is told apart by ``all_finite``, the exact test, run only then."""
-    if params and _uniform(params):
-        with torch.no_grad():  # one dtype and device, the usual case: no grouping needed
-            return torch.isfinite(torch.stack(torch._foreach_norm(params)).sum())
-    return torch.isfinite(total_norm(params))
 
 
 def all_finite(params: list[torch.Tensor]) -> bool:

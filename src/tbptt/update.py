@@ -16,7 +16,7 @@ from torch import nn
 from .engine import UpdateResult
 from .precision import LossScaler
 from .records import NonFiniteError, UpdateRecord
-from .safestep import StepUndo, all_finite, sgd_rate, total_norm, weights_norm
+from .safestep import StepUndo, all_finite, sgd_rate, total_norm
 
 NonFinite = Literal["skip", "raise"]
 
@@ -57,7 +57,6 @@ def apply_update(
     norm = total_norm([g for n, _ in named if (g := result.grads[n]) is not None]).to(device)
     # a gradient cast to a narrower weight dtype in the step could overflow where its norm did not
     rate = sgd_rate(optimizer) if all((g := result.grads[n]) is None or g.dtype == p.dtype for n, p in named) else None
-    checked = None
     if rate is not None:
         # plain SGD: the sync before the step, so that a refused update is never stepped and a
         # bounded step needs no copy of the weights
@@ -71,17 +70,19 @@ def apply_update(
             return _record(result, checked[0], checked[1], started, reason, nonfinite, stepped=False, scaler=scaler)
     undo.save(params)
     overflow = _step(optimizer, undo, named, result.grads, norm, clip_grad_norm)
-    weights = weights_norm(params).to(device)
+    # the weights' norm is finite exactly when they are, unless their magnitudes pass the square root
+    # of the dtype's largest: all_finite, the exact test, tells those apart, run only then
+    weights = total_norm(params).to(device)
     # the one host sync of an update (a second only when the weights' norm is not finite)
     loss_value, norm_value, valid, weights_value = torch.stack(
         [result.loss.float(), norm.float(), result.valid_steps.float().to(device), weights.float()]
     ).tolist()
     finite = math.isfinite(weights_value) or all_finite(params)
-    undo.bound = weights_value if math.isfinite(weights_value) else None
     reason = _refusal(loss_value, norm_value, valid, finite, overflow)
     if reason:
         undo.restore()
-        undo.bound = None  # measured on the step undone, not on the weights put back
+    # a bound for the next bounded step: the norm of the weights kept (not of a step undone)
+    undo.bound = weights_value if math.isfinite(weights_value) and not reason else None
     return _record(result, loss_value, norm_value, started, reason, nonfinite, scaler=scaler)
 
 
