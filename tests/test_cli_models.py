@@ -13,6 +13,7 @@ from tbptt.cli import main
 from tbptt.experiments import runs
 from tbptt.experiments.sweep import compare
 from tbptt.models import MODELS
+from _model_loops import one_thread
 
 ECHO = ["--task", "echo", "--task-option", "steps=40", "--task-option", "eval_steps=20",
         "--task-option", "batch_size=4", "--hidden", "6", "--epochs", "1"]
@@ -42,13 +43,7 @@ def sizes(n_inputs, n_outputs, hidden):
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_threads = pytest.fixture(autouse=True)(one_thread)  # tiny models: one thread
 
 
 @pytest.fixture

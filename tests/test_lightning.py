@@ -25,6 +25,7 @@ from tbptt.validate import InvalidArgument
 from _models import make_data, make_model, mse_steps
 from _ranks import free_port, run_ranks
 from test_fit import Dropout
+from _model_loops import one_thread
 
 ROWS, STEPS, LENGTH = 4, 23, 5
 QUIET = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False,
@@ -37,13 +38,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_threads = pytest.fixture(autouse=True)(one_thread)  # tiny models: one thread
 
 
 def data(seed=3, rows=ROWS, steps=STEPS):

@@ -23,6 +23,7 @@ from tbptt.experiments.runs import RunSpec
 from tbptt.precision import LossScaler
 from tbptt.saved import CheckpointError
 from tbptt.validate import InvalidArgument
+from _model_loops import one_thread
 
 
 class RNNHead(nn.Module):
@@ -39,12 +40,7 @@ class RNNHead(nn.Module):
         return self.head(out), state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: more threads only contend
-    yield
-    torch.set_num_threads(threads)
+_threads = pytest.fixture(autouse=True)(one_thread)  # tiny models: one thread
 
 
 def lstm16():
