@@ -7,7 +7,6 @@ import re
 import textwrap
 
 import pytest
-import torch
 
 from tbptt.cli import main
 from tbptt.experiments import runs
